@@ -1,0 +1,53 @@
+"""The config schema every experiment file in configs/ starts from, and its argument parser."""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields with REPA's published defaults (SiT-XL/2 + REPA on 256 px ImageNet latents)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # name '<S|B|L|XL>/<1|2|4|8>'; depth/width/num_heads: 0 = from the name.
+  c.model = dict(name="XL/2", depth=0, width=0, num_heads=0, dtype="float32")
+  # source: 'synthetic' (random data of the configured shapes, for benchmarks and tests) or 'features'.
+  c.data = dict(source="synthetic", directory="", split="train", latent_shape=(32, 32, 4), num_classes=1000,
+                autoencoder="sd-vae-ft-mse", latent_scale=0.18215)
+  c.flow = dict(path="linear", time_sampler="uniform")
+  # weight 0 switches REPA off (see `select_regularizers`); block is 1-indexed (REPA's encoder_depth); encoders: ((name, feature width), ...).
+  c.align = dict(weight=0.5, block=8, encoders=(("dinov2_vitb14", 768),), projector_dim=2048, objective="cosine",
+                 temperature=0.1)
+  # weight 0 switches it off (see `select_regularizers`); blocks () = (depth // 4,); group_size 0 = the whole per-step batch.
+  c.disperse = dict(weight=0.5, variant="infonce_l2", temperature=0.5, blocks=(), group_size=16, margin=1.0)
+  c.train = dict(batch_size=256, steps=400_000, lr=1e-4, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
+                 weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, label_dropout=0.1, log_every=100,
+                 checkpoint_every=10_000, keep_checkpoints=3)
+  c.mesh = dict(axes=("data", "fsdp"), shape=(-1, 1))
+  return c
+
+
+def parse_arg(arg: str | None, defaults: dict[str, str]) -> dict[str, str]:
+  """'model=XL/2,reg=repa' -> {'model': 'XL/2', 'reg': 'repa', ...the other defaults}; unknown keys are refused."""
+  values = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in defaults:
+      raise ValueError(f"config argument {item!r}: expected key=value with key in {sorted(defaults)}")
+    values[key] = value
+  return values
+
+
+def choose(name: str, value: str, options: dict):
+  """options[value], or an error naming the config argument and its choices."""
+  if value not in options:
+    raise ValueError(f"config argument {name}={value!r}: use one of {sorted(options)}")
+  return options[value]
+
+
+REGULARIZERS = {"none": (), "repa": ("align",), "disperse": ("disperse",), "both": ("align", "disperse")}
+
+
+def select_regularizers(c: ml_collections.ConfigDict, reg: str) -> None:
+  """Keep the weights of the regularisers named by `reg` (none | repa | disperse | both) and zero the others."""
+  kept = choose("reg", reg, REGULARIZERS)
+  for term in ("align", "disperse"):
+    if term not in kept:
+      c[term].weight = 0.0

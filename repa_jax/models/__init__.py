@@ -1,0 +1,1 @@
+"""Flax NNX modules: the SiT backbone, REPA projectors and the model that holds both."""

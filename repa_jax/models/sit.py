@@ -1,0 +1,106 @@
+"""SiT: the flow-matching diffusion transformer (adaLN-Zero DiT blocks on patch tokens)."""
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from repa_jax.models.layers import (Attention, Mlp, TimestepEmbedder, layer_norm, linear, modulate, normal_002,
+                                    sincos_pos_embed_2d, zeros)
+
+# size -> (depth, width, heads), as in the official SiT.
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+PATCH_SIZES = (1, 2, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiTSpec:
+  """Everything that fixes a SiT's parameter shapes."""
+  input_size: tuple[int, int]  # (H, W) of the latent / image
+  in_channels: int
+  num_classes: int
+  patch: int
+  depth: int
+  width: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return self.input_size[0] // self.patch, self.input_size[1] // self.patch
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid[0] * self.grid[1]
+
+
+def spec_from_name(name: str, *, input_size, in_channels: int, num_classes: int, depth=None, width=None,
+                   num_heads=None) -> SiTSpec:
+  """'XL/2' -> SiTSpec; depth/width/num_heads, when given, override the named size."""
+  size, _, patch = name.partition("/")
+  if size not in SIZES or not patch.isdigit() or int(patch) not in PATCH_SIZES:
+    raise ValueError(f"config.model.name={name!r} is not a SiT model: use <size>/<patch> with size in "
+                     f"{sorted(SIZES)} and patch in {PATCH_SIZES}, e.g. 'XL/2'")
+  named_depth, named_width, named_heads = SIZES[size]
+  h, w = input_size
+  if h % int(patch) or w % int(patch):
+    raise ValueError(f"input size {h}x{w} is not divisible by the patch size {patch} of config.model.name={name!r}")
+  return SiTSpec(input_size=(h, w), in_channels=in_channels, num_classes=num_classes, patch=int(patch),
+                 depth=depth or named_depth, width=width or named_width, num_heads=num_heads or named_heads)
+
+
+class SiTBlock(nnx.Module):
+  """LN -> modulate -> attention -> gated residual; LN -> modulate -> MLP -> gated residual."""
+
+  def __init__(self, width: int, num_heads: int, mlp_ratio: float, rngs: nnx.Rngs, *, dtype=jnp.float32):
+    self.attn = Attention(width, num_heads, rngs, dtype=dtype)
+    self.mlp = Mlp(width, int(width * mlp_ratio), rngs, dtype=dtype)
+    self.ada_ln = linear(width, 6 * width, rngs, dtype=dtype, init=zeros)
+
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(self.ada_ln(nnx.silu(c)), 6, axis=-1)
+    x = x + gate_a[:, None] * self.attn(modulate(layer_norm(x), shift_a, scale_a))
+    return x + gate_m[:, None] * self.mlp(modulate(layer_norm(x), shift_m, scale_m))
+
+
+class SiT(nnx.Module):
+  """Velocity model v(x_t, t, y). x: [B, H, W, C] (NHWC), t: [B] in [0, 1], y: [B] int in [0, num_classes]."""
+
+  def __init__(self, spec: SiTSpec, rngs: nnx.Rngs, *, dtype=jnp.float32):
+    self.spec = spec
+    self.dtype = dtype
+    p, c, d = spec.patch, spec.in_channels, spec.width
+    self.patch_embed = linear(p * p * c, d, rngs, dtype=dtype)  # == conv(kernel p, stride p), Xavier as a linear
+    self.t_embed = TimestepEmbedder(d, rngs, dtype=dtype)
+    # The extra row (index num_classes) is the null class for classifier-free guidance.
+    self.y_embed = nnx.Embed(spec.num_classes + 1, d, embedding_init=normal_002, rngs=rngs)
+    self.blocks = nnx.List([SiTBlock(d, spec.num_heads, spec.mlp_ratio, rngs, dtype=dtype) for _ in range(spec.depth)])
+    self.final_ada_ln = linear(d, 2 * d, rngs, dtype=dtype, init=zeros)
+    self.final_linear = linear(d, p * p * c, rngs, dtype=dtype, init=zeros)
+
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array,
+               hidden_blocks: Sequence[int] = ()) -> tuple[jax.Array, dict[int, jax.Array]]:
+    """Returns the velocity [B, H, W, C] (float32) and {k: output of block k, [B, N, D]} for k in hidden_blocks.
+
+    Blocks are numbered from 1 like REPA's `encoder_depth`: block k is the output of the k-th block.
+    """
+    for k in hidden_blocks:
+      if not 1 <= k <= self.spec.depth:
+        raise ValueError(f"hidden block {k} is outside 1..{self.spec.depth} (the model depth)")
+    b, h, w, _ = x.shape
+    p, (gh, gw) = self.spec.patch, self.spec.grid
+    if (h, w) != tuple(self.spec.input_size):
+      raise ValueError(f"input {h}x{w} does not match the model's input_size {self.spec.input_size}")
+    tokens = x.reshape(b, gh, p, gw, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, -1)
+    hidden = self.patch_embed(tokens.astype(self.dtype)) + sincos_pos_embed_2d(self.spec.width, gh, gw).astype(self.dtype)
+    c = (self.t_embed(t) + self.y_embed(y)).astype(self.dtype)
+    hiddens = {}
+    for k, block in enumerate(self.blocks, start=1):
+      hidden = block(hidden, c)
+      if k in hidden_blocks:
+        hiddens[k] = hidden
+    shift, scale = jnp.split(self.final_ada_ln(nnx.silu(c)), 2, axis=-1)
+    out = self.final_linear(modulate(layer_norm(hidden), shift, scale))
+    out = out.reshape(b, gh, gw, p, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, -1)
+    return out.astype(jnp.float32), hiddens

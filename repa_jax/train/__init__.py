@@ -1,0 +1,1 @@
+"""Training: the state pytree, shardings, the pure train step, checkpoints and the loop."""

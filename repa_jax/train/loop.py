@@ -1,0 +1,74 @@
+"""The training loop: mesh -> state (fresh or restored) -> jitted sharded steps -> logs and checkpoints."""
+import time
+
+import jax
+import ml_collections
+from absl import logging
+from tensorboardX import SummaryWriter
+
+from repa_jax.data.synthetic import SyntheticBatches
+from repa_jax.train import checkpoint, sharding
+from repa_jax.train.state import abstract_state, init_state, make_optimizer, model_graphdef
+from repa_jax.train.step import make_train_step
+
+
+def make_batches(config: ml_collections.ConfigDict, batch_sharding):
+  """The batch iterator of config.data.source (with get_state/set_state for checkpoints)."""
+  if config.data.source == "synthetic":
+    return SyntheticBatches(config, batch_sharding)
+  raise ValueError(f"config.data.source={config.data.source!r}: use 'synthetic'")
+
+
+def format_metrics(step: int, total_steps: int, metrics: dict, images_per_s: float) -> str:
+  terms = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "lr")
+  return f"step {step}/{total_steps} | {terms} | lr {metrics['lr']:.2e} | {images_per_s:.1f} img/s"
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains to config.train.steps, resuming from the newest checkpoint in `workdir`. Returns the final state."""
+  # Mesh, shardings and the state: restored if a checkpoint exists, else created in place.
+  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+  sharding.check_batch_divisible(config.train.batch_size, mesh)
+  tx = make_optimizer(config)
+  abstract = abstract_state(config, tx)
+  state_sharding = sharding.state_sharding(abstract, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  batches = make_batches(config, batch_sharding)
+  manager = checkpoint.make_manager(workdir, config)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+  restored = checkpoint.restore_latest(manager, target)
+  if restored is None:
+    state = init_state(config, tx, state_sharding)
+  else:
+    state, data_state = restored
+    batches.set_state(data_state)
+    logging.info("resumed from step %d", int(state["step"]))
+
+  # The jitted step: donated state, explicit shardings in and out.
+  train_step = jax.jit(make_train_step(config, model_graphdef(config)),
+                       in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+
+  # The loop: logs every log_every steps (process 0 only), checkpoints every checkpoint_every steps and at the end.
+  is_lead = jax.process_index() == 0
+  writer = SummaryWriter(workdir) if is_lead else None
+  step, total = int(state["step"]), config.train.steps
+  tick, tick_step = time.perf_counter(), step
+  while step < total:
+    state, metrics = train_step(state, next(batches))
+    step += 1
+    if step % config.train.log_every == 0 or step == total:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      rate = (step - tick_step) * config.train.batch_size / (time.perf_counter() - tick)
+      tick, tick_step = time.perf_counter(), step
+      if is_lead:
+        for name, value in metrics.items():
+          writer.add_scalar(f"train/{name}", value, step)
+        writer.add_scalar("train/images_per_second", rate, step)
+        print(format_metrics(step, total, metrics, rate), flush=True)
+    if step % config.train.checkpoint_every == 0 or step == total:
+      checkpoint.save(manager, state, batches.get_state())
+  manager.wait_until_finished()
+  if writer:
+    writer.close()
+  return state

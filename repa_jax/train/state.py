@@ -1,0 +1,46 @@
+"""The training state, a plain pytree: {'step', 'params', 'opt_state', 'ema_params'}; and its optimizer."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from repa_jax.models.repa_sit import build_model
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Constant config.train.lr after an optional linear warm-up of config.train.warmup_steps."""
+  lr, warmup = config.train.lr, config.train.warmup_steps
+  if not warmup:
+    return optax.constant_schedule(lr)
+  return lambda step: lr * jnp.minimum(1.0, (step + 1) / warmup)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Grad-norm clipping then AdamW (REPA defaults: lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay)."""
+  t = config.train
+  return optax.chain(
+      optax.clip_by_global_norm(t.grad_clip),
+      optax.adamw(learning_rate_schedule(config), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay))
+
+
+def _init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> dict:
+  _, params = nnx.split(build_model(config, config.seed))
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+          "ema_params": jax.tree.map(jnp.copy, params)}  # the EMA starts as a copy of the parameters
+
+
+def model_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
+  """The static structure that `nnx.merge(graphdef, params)` turns back into a RepaSiT."""
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(config, config.seed)))
+  return graphdef
+
+
+def abstract_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
+  """ShapeDtypeStructs of the state, without allocating it."""
+  return jax.eval_shape(lambda: _init_state(config, tx))
+
+
+def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation, shardings) -> dict:
+  """The initial state, created directly in its (FSDP) shardings: no host ever holds the whole model."""
+  return jax.jit(lambda: _init_state(config, tx), out_shardings=shardings)()

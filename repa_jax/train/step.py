@@ -1,0 +1,98 @@
+"""The pure train step: flow loss + lambda_align * REPA + lambda_disp * dispersive, AdamW, EMA."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from repa_jax.objectives.alignment import alignment_loss
+from repa_jax.objectives.dispersive import dispersive_loss
+from repa_jax.objectives.flow import flow_loss, interpolate, sample_time
+from repa_jax.models.repa_sit import sit_spec
+from repa_jax.train.state import learning_rate_schedule, make_optimizer
+
+
+def dispersive_blocks(config: ml_collections.ConfigDict, depth: int) -> tuple[int, ...]:
+  """The 1-indexed blocks the dispersive term reads: config.disperse.blocks, or (depth // 4,) when empty."""
+  return tuple(config.disperse.blocks) or (max(depth // 4, 1),)
+
+
+def sample_latents(key: jax.Array, batch: dict, latent_scale: float) -> jax.Array:
+  """z = (mean + std * eps) * scale from the stored VAE posterior; mean * scale when the batch has no std (pixels)."""
+  mean = batch["latent_mean"].astype(jnp.float32)
+  if "latent_std" in batch:
+    mean = mean + batch["latent_std"].astype(jnp.float32) * jax.random.normal(key, mean.shape, jnp.float32)
+  return mean * latent_scale
+
+
+def drop_labels(key: jax.Array, labels: jax.Array, rate: float, num_classes: int) -> jax.Array:
+  """Replace each label by the null class `num_classes` with probability `rate`. [B] -> [B]."""
+  return jnp.where(jax.random.uniform(key, labels.shape) < rate, num_classes, labels)
+
+
+def check_features(features: dict, encoders: dict[str, int], num_tokens: int, model_name: str) -> None:
+  """Refuse encoder features whose token count or width does not fit the SiT and its projectors (trace time)."""
+  for name, width in encoders.items():
+    if name not in features:
+      raise ValueError(f"the batch has no features of encoder {name!r} (config.align.encoders); it has {sorted(features)}")
+    _, tokens, feature_width = features[name].shape
+    if tokens != num_tokens:
+      raise ValueError(f"encoder {name!r} gives {tokens} tokens but SiT {model_name} has {num_tokens} tokens: use "
+                       f"features on the SiT token grid or change config.model.name's patch size")
+    if feature_width != width:
+      raise ValueError(f"encoder {name!r} features are {feature_width} wide but its projector outputs {width} "
+                       f"(config.align.encoders): set the width to {feature_width}")
+
+
+def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
+  """Returns the pure `train_step(state, batch) -> (state, metrics)` for a config and model structure.
+
+  batch: {'latent_mean': [B, H, W, C], optional 'latent_std': [B, H, W, C], 'label': [B] int,
+          'features': {encoder name: [B, N, C_k]}} (features only when REPA is on).
+  """
+  tx = make_optimizer(config)
+  schedule = learning_rate_schedule(config)
+  spec = sit_spec(config)
+  align, disperse = config.align, config.disperse
+  encoders = dict(align.encoders) if align.weight else {}
+  disperse_blocks = dispersive_blocks(config, spec.depth) if disperse.weight else ()
+  hidden_blocks = tuple(sorted(set(disperse_blocks) | ({align.block} if align.weight else set())))
+  base_key = jax.random.key(config.seed)
+
+  def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+    if encoders:
+      check_features(batch["features"], encoders, spec.num_tokens, config.model.name)
+
+    latent_key, drop_key, time_key, noise_key = jax.random.split(jax.random.fold_in(base_key, state["step"]), 4)
+    x = sample_latents(latent_key, batch, config.data.latent_scale)
+    y = drop_labels(drop_key, batch["label"], config.train.label_dropout, spec.num_classes)
+    t = sample_time(time_key, x.shape[0], config.flow.time_sampler, config.flow.path)
+    x_t, v_target = interpolate(x, jax.random.normal(noise_key, x.shape, jnp.float32), t, config.flow.path)
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params)
+      v_pred, hiddens = model.sit(x_t, t, y, hidden_blocks=hidden_blocks)
+      terms = {"flow": flow_loss(v_pred, v_target)}
+      total = terms["flow"]
+      if encoders:
+        projected = [model.projectors[name](hiddens[align.block]) for name in encoders]
+        terms["align"], terms["align_cos"] = alignment_loss(
+            projected, [batch["features"][name] for name in encoders], objective=align.objective,
+            temperature=align.temperature)
+        total = total + align.weight * terms["align"]
+      if disperse.weight:
+        terms["disperse"] = jnp.mean(jnp.stack([
+            dispersive_loss(hiddens[k], variant=disperse.variant, temperature=disperse.temperature,
+                            group_size=disperse.group_size, margin=disperse.margin) for k in disperse_blocks]))
+        total = total + disperse.weight * terms["disperse"]
+      return total, terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    decay = config.train.ema_decay
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema_params"], params)
+    metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema_params": ema_params}, metrics
+
+  return train_step

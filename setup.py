@@ -1,0 +1,30 @@
+"""repa_jax: SiT flow-matching transformers with REPA and Dispersive Loss, in JAX/Flax for Cloud TPU."""
+import setuptools
+
+# Versions pinned to the stack REFERENCE.md section 4 was checked against.
+CORE = [
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "chex==0.1.92",
+    "ml-collections==1.1.0",
+    "tensorflow-datasets==4.9.10",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "tensorboardX==2.6.5",
+    "pillow",
+    "absl-py",
+]
+
+setuptools.setup(
+    name="repa_jax",
+    version="0.1.0",
+    description=__doc__,
+    packages=setuptools.find_packages(include=["repa_jax", "repa_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE + ["jax[cpu]==0.10.2"],
+    extras_require={
+        "tpu": ["jax[tpu]==0.10.2"],
+        "test": ["pytest", "pytest-xdist"],
+    },
+)
