@@ -92,10 +92,14 @@ def randn(shape, seed=0, scale=1.0):
   return (scale * np.random.default_rng(seed).normal(size=shape)).astype(np.float32)
 
 
+_jit_loss = jax.jit(dispersive.dispersive_loss, static_argnames=("variant", "temperature", "group_size", "margin"))
+
+
 def jax_loss(hidden, variant, **kw):
+  """dispersive_loss under jit (one compilation per shape/config instead of one per eager op)."""
   kw.setdefault("temperature", TAU)
   kw.setdefault("margin", MARGIN)
-  return dispersive.dispersive_loss(jnp.asarray(hidden), variant=variant, **kw)
+  return _jit_loss(jnp.asarray(hidden), variant=variant, **kw)
 
 
 # ---------------------------------------------------------------- values
@@ -163,9 +167,10 @@ def test_covariance_decorrelated_features_give_zero():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("group_size", [None, 2])
+@pytest.mark.parametrize("group_size", [None, 4])
 def test_gradient_vs_finite_differences(variant, group_size):
-  h = randn((4, 3, 2), seed=7)
+  # Batch 8: with groups of 2 the standardised covariance is degenerate (every entry +-1, gradient ~0 up to eps).
+  h = randn((8, 3, 2), seed=7)
   grad = jax.grad(lambda x: jax_loss(x, variant, group_size=group_size))(jnp.asarray(h))
   want = central_fd(lambda x: np_dispersive(x, variant, group_size=group_size), h)
   chex.assert_shape(grad, h.shape)
@@ -229,6 +234,10 @@ def test_sharding_invariance(variant, group_size):
     x = jax.device_put(jnp.asarray(h), NamedSharding(mesh, P(("data", "fsdp"))))
     assert len(x.sharding.device_set) == mesh.size
     values[name] = float(fn(x))
+  # rtol 1e-6; covariance 1e-5: it forms sum(Gram^2) - sum(diag^2), a float32 cancellation that amplifies the
+  # reduction-order round-off of the sharded matmuls (seen: 1.8e-6). A batch split into per-device groups would be off
+  # by O(1).
+  rtol = 1e-5 if variant == "covariance" else 1e-6
   for name, value in values.items():
-    np.testing.assert_allclose(value, values["1"], rtol=1e-6, err_msg=f"mesh {name}")
+    np.testing.assert_allclose(value, values["1"], rtol=rtol, err_msg=f"mesh {name}")
   np.testing.assert_allclose(values["1"], np_dispersive(h, variant, group_size=group_size), rtol=1e-5, atol=1e-5)

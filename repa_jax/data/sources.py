@@ -14,12 +14,12 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-FASHION_MNIST_DIRECTORY = '/usr/share/datasets/fashion-mnist'
-_FASHION_MNIST_FILE_PREFIX = {'train': 'train', 'test': 't10k'}
+FASHION_MNIST_DIRECTORY = "/usr/share/datasets/fashion-mnist"
+_FASHION_MNIST_FILE_PREFIX = {"train": "train", "test": "t10k"}
 _FASHION_MNIST_CLASSES = 10
 # IDX magic number of unsigned-byte data: 0x08 type code, then the number of dimensions.
 _IDX_UBYTE_MAGIC = 0x800
-IMAGE_FILE_SUFFIXES = ('.jpeg', '.jpg', '.png')
+IMAGE_FILE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +40,9 @@ class ImageSource:
   def __getitem__(self, index: int) -> dict:
     index = int(index)
     if not 0 <= index < self.num_examples:
-      raise IndexError(f'image {index} out of range: the source has {self.num_examples} images')
+      raise IndexError(f"image {index} out of range: the source has {self.num_examples} images")
     image, label = self.load(index)
-    return {'id': index, 'image': image, 'label': int(label)}
+    return {"id": index, "image": image, "label": int(label)}
 
 
 def center_crop(image: Image.Image, resolution: int) -> np.ndarray:
@@ -64,21 +64,21 @@ def center_crop(image: Image.Image, resolution: int) -> np.ndarray:
 def fashion_mnist(split: str, directory: str = FASHION_MNIST_DIRECTORY) -> ImageSource:
   """Fashion-MNIST from its IDX gz files: 'train' (60000) or 'test' (10000) images [28, 28, 1], 10 classes."""
   if split not in _FASHION_MNIST_FILE_PREFIX:
-    raise ValueError(f'Fashion-MNIST split {split!r} unknown; use one of {list(_FASHION_MNIST_FILE_PREFIX)}.')
+    raise ValueError(f"Fashion-MNIST split {split!r} unknown; use one of {list(_FASHION_MNIST_FILE_PREFIX)}.")
   prefix = epath.Path(directory) / _FASHION_MNIST_FILE_PREFIX[split]
-  image_path = epath.Path(f'{prefix}-images-idx3-ubyte.gz')
-  label_path = epath.Path(f'{prefix}-labels-idx1-ubyte.gz')
+  image_path = epath.Path(f"{prefix}-images-idx3-ubyte.gz")
+  label_path = epath.Path(f"{prefix}-labels-idx1-ubyte.gz")
   for path in (image_path, label_path):
     if not path.exists():
       raise FileNotFoundError(
-          f'Fashion-MNIST file {path} not found. Fix: `apt-get install dataset-fashion-mnist`, or set '
-          'config.data.directory to the folder holding the *-ubyte.gz files.')
+          f"Fashion-MNIST file {path} not found. Fix: `apt-get install dataset-fashion-mnist`, or set "
+          "config.data.directory to the folder holding the *-ubyte.gz files.")
   images = read_idx_ubyte(image_path, ndim=3)[..., None]
   labels = read_idx_ubyte(label_path, ndim=1)
   if len(images) != len(labels):
-    raise ValueError(f'{image_path} has {len(images)} images but {label_path} has {len(labels)} labels.')
+    raise ValueError(f"{image_path} has {len(images)} images but {label_path} has {len(labels)} labels.")
   if labels.max() >= _FASHION_MNIST_CLASSES:
-    raise ValueError(f'{label_path} holds label {labels.max()}; Fashion-MNIST labels are 0..9.')
+    raise ValueError(f"{label_path} holds label {labels.max()}; Fashion-MNIST labels are 0..9.")
   return ImageSource(len(labels), _FASHION_MNIST_CLASSES, images.shape[1:],
                      functools.partial(_array_item, images, labels))
 
@@ -86,15 +86,15 @@ def fashion_mnist(split: str, directory: str = FASHION_MNIST_DIRECTORY) -> Image
 def read_idx_ubyte(path: epath.PathLike, ndim: int) -> np.ndarray:
   """The uint8 array of `ndim` dimensions stored in a gzipped IDX file (the MNIST format)."""
   data = gzip.decompress(epath.Path(path).read_bytes())
-  magic = int.from_bytes(data[:4], 'big')
+  magic = int.from_bytes(data[:4], "big")
   if magic != _IDX_UBYTE_MAGIC + ndim:
-    raise ValueError(f'{path}: IDX magic number {magic:#x}, expected {_IDX_UBYTE_MAGIC + ndim:#x} '
-                     f'(unsigned bytes, {ndim} dimensions). Is it the right file?')
-  shape = tuple(int(size) for size in np.frombuffer(data, '>u4', count=ndim, offset=4))
+    raise ValueError(f"{path}: IDX magic number {magic:#x}, expected {_IDX_UBYTE_MAGIC + ndim:#x} "
+                     f"(unsigned bytes, {ndim} dimensions). Is it the right file?")
+  shape = tuple(int(size) for size in np.frombuffer(data, ">u4", count=ndim, offset=4))
   header_size = 4 + 4 * ndim
   if len(data) - header_size != np.prod(shape):
-    raise ValueError(f'{path}: header says shape {shape} but it holds {len(data) - header_size} bytes of data '
-                     '(truncated download?).')
+    raise ValueError(f"{path}: header says shape {shape} but it holds {len(data) - header_size} bytes of data "
+                     "(truncated download?).")
   return np.frombuffer(data, np.uint8, offset=header_size).reshape(shape)
 
 
@@ -103,30 +103,33 @@ def _array_item(images: np.ndarray, labels: np.ndarray, index: int) -> tuple[np.
 
 
 def image_folder(root: epath.PathLike, resolution: int) -> ImageSource:
-  """JPEG/PNG images in one sub-folder per class (sorted folder names -> labels 0, 1, ...), ADM centre-cropped to
-  RGB [resolution, resolution, 3]. Files with other suffixes and hidden entries are not images and are ignored."""
+  """JPEG/PNG images under `root/<class>/`, ADM centre-cropped to RGB [resolution, resolution, 3].
+
+  Labels number the class folders in sorted order; ids number the images class by class, in sorted file order.
+  Hidden entries and files without a JPEG/PNG suffix are ignored.
+  """
   root = epath.Path(root)
   if not root.is_dir():
-    raise FileNotFoundError(f'image folder {root} not found. Fix: set config.data.directory to a folder with one '
-                            'sub-folder of JPEG/PNG images per class.')
-  class_folders = sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith('.'))
+    raise FileNotFoundError(f"image folder {root} not found. Fix: set config.data.directory to a folder with one "
+                            "sub-folder of JPEG/PNG images per class.")
+  class_folders = sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
   files, labels = [], []
   for label, folder in enumerate(class_folders):
     images = sorted(path for path in folder.iterdir()
-                    if path.suffix.lower() in IMAGE_FILE_SUFFIXES and not path.name.startswith('.'))
+                    if path.suffix.lower() in IMAGE_FILE_SUFFIXES and not path.name.startswith("."))
     files += images
     labels += [label] * len(images)
   if not files:
-    raise ValueError(f'image folder {root} holds no class sub-folders with {"/".join(IMAGE_FILE_SUFFIXES)} files. '
-                     'Fix: arrange the images as <root>/<class name>/<image>.')
+    raise ValueError(f"image folder {root} holds no class sub-folders with {'/'.join(IMAGE_FILE_SUFFIXES)} files. "
+                     "Fix: arrange the images as <root>/<class name>/<image>.")
   return ImageSource(len(files), len(class_folders), (resolution, resolution, 3),
                      functools.partial(_load_image_file, tuple(files), tuple(labels), resolution))
 
 
 def _load_image_file(files: tuple[epath.Path, ...], labels: tuple[int, ...], resolution: int,
                      index: int) -> tuple[np.ndarray, int]:
-  with files[index].open('rb') as file, Image.open(file) as image:
-    return center_crop(image.convert('RGB'), resolution), labels[index]
+  with files[index].open("rb") as file, Image.open(file) as image:
+    return center_crop(image.convert("RGB"), resolution), labels[index]
 
 
 def tfds_images(name: str, split: str, data_dir: epath.PathLike | None = None,
@@ -143,12 +146,12 @@ def tfds_images(name: str, split: str, data_dir: epath.PathLike | None = None,
     prepared = False
   if not prepared:
     raise FileNotFoundError(
-        f'TFDS dataset {name!r} is not prepared in data_dir={data_dir}. Fix: prepare it there with '
-        f'`tfds build {name} --file_format=array_record --data_dir=<data_dir>`, or set config.data.data_dir to where '
-        'it is prepared.')
+        f"TFDS dataset {name!r} is not prepared in data_dir={data_dir}. Fix: prepare it there with "
+        f"`tfds build {name} --file_format=array_record --data_dir=<data_dir>`, or set config.data.directory to the "
+        "data_dir where it is prepared.")
   if builder.info.supervised_keys is None:
-    raise ValueError(f'TFDS dataset {name!r} declares no supervised keys (image, label); only image-classification '
-                     'datasets can be image sources.')
+    raise ValueError(f"TFDS dataset {name!r} declares no supervised keys (image, label); only image-classification "
+                     "datasets can be image sources.")
   image_key, label_key = builder.info.supervised_keys
   records = builder.as_data_source(split)
   stored_shape = builder.info.features[image_key].shape

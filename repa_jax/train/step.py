@@ -92,7 +92,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
     params = optax.apply_updates(state["params"], updates)
     decay = config.train.ema_decay
     ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema_params"], params)
-    metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+    metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema_params": ema_params}, metrics
 
   return train_step

@@ -1,0 +1,33 @@
+# The README's two commands: `make run` (the main job on Fashion-MNIST) and `make test`. Both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+WORKDIR ?= workdir/fashion_mnist_repa
+CONFIG ?= configs/fashion_mnist.py:reg=repa
+
+.PHONY: venv fashion-mnist run test clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+fashion-mnist:
+	@test -d /usr/share/datasets/fashion-mnist || { \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST is missing: install the Debian package dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist)" \
+	         "or put its four IDX .gz files in a directory and pass --config.data.directory=DIR" >&2; exit 1; \
+	  fi; }
+
+run: venv fashion-mnist
+	$(VENV)/bin/python -m repa_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: venv fashion-mnist
+	$(VENV)/bin/python -m pytest -q -n 2 tests
+
+clean:
+	rm -rf $(VENV) workdir

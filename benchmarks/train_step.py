@@ -1,0 +1,158 @@
+"""Throughput of the jitted, sharded train step on synthetic data (compile time, step time, memory, FLOPs).
+
+  python benchmarks/train_step.py --config=configs/imagenet.py:model=B/2,reg=repa --batch=8 --steps=5
+  python benchmarks/train_step.py --config=configs/tiny.py --batch=8 --steps=5 --config.model.dtype=bfloat16
+
+The mesh, state, optimizer, batches and the jitted step are built by the same library functions as
+`repa_jax.train.loop.train` (data.source is forced to 'synthetic'; the batch is config.train.batch_size = --batch).
+Only the train step is timed: each timed step gets a batch made (and finished) beforehand.
+"""
+import os
+import resource
+import statistics
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from repa_jax.models.repa_sit import sit_spec
+from repa_jax.train import sharding
+from repa_jax.train.loop import make_batches
+from repa_jax.train.state import abstract_state, init_state, make_optimizer, model_graphdef
+from repa_jax.train.step import dispersive_blocks, make_train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/imagenet.py:model=B/2.")
+_BATCH = flags.DEFINE_integer("batch", None, "Global batch size (sets config.train.batch_size).")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after warm-up).")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "If set, write a jax.profiler trace of the timed steps here.")
+flags.mark_flags_as_required(["config"])
+
+
+def analytic_flops(config) -> dict[str, float]:
+  """Matmul FLOPs (2 per multiply-add) of one training step's forward + backward (backward = 2 x forward).
+
+  Counts, per image: patch embed 2*T*(p*p*C)*D; per SiT block 2*T*12*D^2 (qkv 3D^2, proj D^2, MLP 8D^2 at ratio 4)
+  + attention 2*2*T^2*D (QK^T and AV) + adaLN 2*D*6D; final layer 2*D*2D + 2*T*D*(p*p*C); timestep MLP
+  2*(256*D + D*D); REPA projector per token and encoder 2*T*(D*H + H*H + H*z). Ignores element-wise work
+  (norms, softmax, GELU, losses), the optimizer and the EMA. Total = 3 * forward * batch.
+  """
+  spec = sit_spec(config)
+  t, d, pc = spec.num_tokens, spec.width, spec.patch ** 2 * spec.in_channels
+  hidden_mlp = int(d * spec.mlp_ratio)
+  per_block = 2 * t * (4 * d * d + 2 * d * hidden_mlp) + 2 * 2 * t * t * d + 2 * d * 6 * d
+  terms = {
+      "blocks": spec.depth * per_block,
+      "embed+final": 2 * t * pc * d + 2 * d * 2 * d + 2 * t * d * pc + 2 * (256 * d + d * d),
+      "projector": 0.0,
+  }
+  if config.align.weight:
+    h = config.align.projector_dim
+    terms["projector"] = sum(2 * t * (d * h + h * h + h * z) for _, z in config.align.encoders)
+  batch = config.train.batch_size
+  out = {k: 3.0 * v * batch for k, v in terms.items()}
+  out["total"] = sum(out.values())
+  return out
+
+
+def xla_flops(compiled) -> float | None:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+    analysis = analysis[0] if analysis else None
+  return None if not analysis else analysis.get("flops")
+
+
+def fmt_flops(x: float | None) -> str:
+  return "n/a" if x is None else f"{x / 1e9:.3g} GFLOP"
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if _BATCH.value is not None:
+    config.train.batch_size = _BATCH.value
+  config.data.source = "synthetic"
+  batch_size = config.train.batch_size
+  spec = sit_spec(config)
+  print(f"model {config.model.name}: depth {spec.depth} width {spec.width} heads {spec.num_heads} patch {spec.patch} "
+        f"tokens {spec.num_tokens} input {spec.input_size}x{spec.in_channels} dtype {config.model.dtype} | "
+        f"align weight {config.align.weight} block {config.align.block} encoders {tuple(config.align.encoders)} "
+        f"projector {config.align.projector_dim} | disperse weight {config.disperse.weight}"
+        f"{' blocks ' + str(dispersive_blocks(config, spec.depth)) if config.disperse.weight else ''} | "
+        f"batch {batch_size} | devices {jax.devices()} | load average {os.getloadavg()}", flush=True)
+
+  # As in repa_jax.train.loop.train: mesh, shardings, state, batches, jitted step with the same shardings/donation.
+  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+  sharding.check_batch_divisible(batch_size, mesh)
+  tx = make_optimizer(config)
+  abstract = abstract_state(config, tx)
+  state_sharding = sharding.state_sharding(abstract, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  batches = make_batches(config, batch_sharding)
+  state = init_state(config, tx, state_sharding)
+  train_step = jax.jit(make_train_step(config, model_graphdef(config)),
+                       in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
+
+  batch = jax.block_until_ready(next(batches))
+  tick = time.perf_counter()
+  lowered = train_step.lower(state, batch)
+  lower_s = time.perf_counter() - tick
+  tick = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - tick
+
+  for _ in range(_WARMUP.value):
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+
+  times, cpu_times = [], []
+  if _PROFILE_DIR.value:
+    jax.profiler.start_trace(_PROFILE_DIR.value)
+  for _ in range(_STEPS.value):
+    batch = jax.block_until_ready(next(batches))
+    tick, cpu_tick = time.perf_counter(), time.process_time()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - tick)
+    cpu_times.append(time.process_time() - cpu_tick)
+  if _PROFILE_DIR.value:
+    jax.profiler.stop_trace()
+  loss = float(metrics["loss"])
+
+  median, best = statistics.median(times), min(times)
+  maxrss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+  device_stats = jax.devices()[0].memory_stats()
+  xla = xla_flops(compiled)
+  analytic = analytic_flops(config)
+
+  print(f"parameters (incl. projectors): {num_params / 1e6:.2f} M")
+  print(f"compile: lower {lower_s:.2f} s + compile {compile_s:.2f} s = {lower_s + compile_s:.2f} s")
+  print(f"step time over {len(times)} steps: median {median:.4f} s, min {best:.4f} s "
+        f"(all: {', '.join(f'{t:.3f}' for t in times)}); final loss {loss:.4f}")
+  print(f"process CPU time per step (user+sys, all threads): median {statistics.median(cpu_times):.4f} s "
+        f"= {statistics.median(cpu_times) / median:.2f} cores busy on average; machine load average {os.getloadavg()}")
+  print(f"throughput: {batch_size / median:.2f} images/s (median), {batch_size / best:.2f} images/s (best)")
+  print(f"peak host memory (maxrss): {maxrss_gb:.2f} GiB")
+  if device_stats:
+    peak = device_stats.get("peak_bytes_in_use", device_stats.get("bytes_in_use", 0))
+    print(f"device memory: peak {peak / 2**30:.2f} GiB ({device_stats})")
+  else:
+    print("device memory_stats: not available on this backend")
+  print(f"FLOPs per step: XLA cost analysis {fmt_flops(xla)}; analytic fwd+bwd {fmt_flops(analytic['total'])} "
+        f"({', '.join(f'{k} {fmt_flops(v)}' for k, v in analytic.items() if k != 'total')})")
+  achieved = analytic["total"] / median
+  print(f"achieved: {achieved / 1e9:.1f} GFLOP/s (analytic / median)"
+        + ("" if xla is None else f", {xla / median / 1e9:.1f} GFLOP/s (XLA / median)"))
+  print(f"SUMMARY model={config.model.name} depth={spec.depth} width={spec.width} tokens={spec.num_tokens} "
+        f"align={config.align.weight > 0} disperse={config.disperse.weight > 0} dtype={config.model.dtype} "
+        f"batch={batch_size} compile_s={lower_s + compile_s:.1f} step_median_s={median:.4f} step_min_s={best:.4f} "
+        f"images_per_s={batch_size / median:.2f} cpu_s_per_step={statistics.median(cpu_times):.4f} maxrss_gib={maxrss_gb:.2f} "
+        f"xla_gflop={'n/a' if xla is None else f'{xla / 1e9:.4g}'} analytic_gflop={analytic['total'] / 1e9:.4g} "
+        f"gflop_per_s={achieved / 1e9:.1f} loadavg_1m={os.getloadavg()[0]:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,139 @@
+"""The sharded pure train step: equality across meshes, EMA, label dropout, no re-tracing, gradients, errors."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny
+from repa_jax.data.synthetic import SyntheticBatches
+from repa_jax.train import sharding
+from repa_jax.train.state import abstract_state, init_state, make_optimizer, model_graphdef
+from repa_jax.train.step import drop_labels, make_train_step
+
+
+def setup(config, mesh_shape):
+  """(jitted step, state, batch iterator) on a mesh of the given ('data', 'fsdp') shape."""
+  mesh = sharding.make_mesh(("data", "fsdp"), mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+  tx = make_optimizer(config)
+  shardings = sharding.state_sharding(abstract_state(config, tx), mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  step = jax.jit(make_train_step(config, model_graphdef(config)), in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return step, init_state(config, tx, shardings), SyntheticBatches(config, batch_sharding)
+
+
+def run(config, mesh_shape, steps):
+  step, state, batches = setup(config, mesh_shape)
+  for _ in range(steps):
+    state, metrics = step(state, next(batches))
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+def test_sharded_step_equals_single_device_step():
+  config = tiny.get_config("reg=both")
+  config.model.width = 64  # wide enough that kernels are FSDP-sharded over 4 devices
+  single, metrics_1 = run(config, (1, 1), 2)
+  sharded, metrics_8 = run(config, (2, 4), 2)
+  # Same math, different reduction order across devices: float32 round-off only.
+  chex.assert_trees_all_close(sharded["params"], single["params"], rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(metrics_8, metrics_1, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_shards_the_large_kernels():
+  config = tiny.get_config("reg=both")
+  config.model.width = 64
+  mesh = sharding.make_mesh(("data", "fsdp"), (2, 4), jax.devices())
+  shardings = sharding.state_sharding(abstract_state(config, make_optimizer(config)), mesh)
+  mlp_kernel = shardings["params"]["sit"]["blocks"][0]["mlp"]["fc1"]["kernel"]  # [64, 256]
+  assert mlp_kernel.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  assert shardings["step"].spec == jax.sharding.PartitionSpec()
+
+
+def test_ema_starts_as_copy_and_first_update_mixes_with_decay():
+  config = tiny.get_config("reg=none")
+  config.train.ema_decay = 0.9
+  step, state, batches = setup(config, (1, 1))
+  initial = jax.device_get(state)
+  chex.assert_trees_all_equal(initial["ema_params"], initial["params"])
+  new = jax.device_get(step(state, next(batches))[0])
+  expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, initial["ema_params"], new["params"])
+  chex.assert_trees_all_close(new["ema_params"], expected, rtol=1e-6)
+  assert not np.allclose(new["params"]["sit"]["final_linear"]["kernel"],
+                         initial["params"]["sit"]["final_linear"]["kernel"])
+
+
+def test_label_dropout_rate_and_null_class():
+  labels = jnp.zeros((200_000,), jnp.int32)
+  dropped = drop_labels(jax.random.key(0), labels, 0.1, num_classes=10)
+  assert set(np.unique(dropped)) == {0, 10}
+  assert abs(float(jnp.mean(dropped == 10)) - 0.1) < 0.003  # ~4.5 standard deviations
+
+
+def test_step_is_traced_once():
+  config = tiny.get_config("reg=both")
+  mesh = sharding.make_mesh(("data", "fsdp"), (1, 1), jax.devices()[:1])
+  tx = make_optimizer(config)
+  shardings = sharding.state_sharding(abstract_state(config, tx), mesh)
+  step = jax.jit(chex.assert_max_traces(make_train_step(config, model_graphdef(config)), n=1), donate_argnums=0)
+  state, batches = init_state(config, tx, shardings), SyntheticBatches(config, sharding.batch_sharding(mesh))
+  for _ in range(3):
+    state, _ = step(state, next(batches))
+  assert int(state["step"]) == 3
+
+
+@pytest.mark.parametrize("reg, term", [("repa", "align"), ("disperse", "disperse")])
+def test_regulariser_gradient_reaches_the_blocks_up_to_the_read_one(reg, term):
+  """Only the regulariser's gradient differs between a run with and without it; it must reach the model's blocks."""
+  config = tiny.get_config(f"reg={reg}")
+  graphdef = model_graphdef(config)
+  mesh = sharding.make_mesh(("data", "fsdp"), (1, 1), jax.devices()[:1])
+  tx = make_optimizer(config)
+  state = init_state(config, tx, sharding.state_sharding(abstract_state(config, tx), mesh))
+  batch = next(SyntheticBatches(config, sharding.batch_sharding(mesh)))
+
+  def block_grads(weight):
+    config[term].weight = weight
+    step = make_train_step(config, graphdef)
+
+    def loss(params):  # the step's own loss (its reported metric), as a function of the parameters
+      return step({**state, "params": params}, batch)[1]["loss"]
+
+    return jax.grad(loss)(state["params"])["sit"]["blocks"]
+
+  with_term, without = block_grads(0.5), block_grads(0.0)
+  read_block = config.align.block if term == "align" else 4 // 4
+  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), with_term, without)
+  assert max(jax.tree.leaves(diff[read_block - 1])) > 0  # the block the term reads gets its gradient
+  assert max(jax.tree.leaves(diff[len(diff) - 1])) == 0  # blocks after it do not
+
+
+def test_loss_falls_on_a_fixed_batch():
+  config = tiny.get_config("reg=both")
+  config.train.lr = 3e-3
+  step, state, batches = setup(config, (1, 1))
+  batch = next(batches)
+  losses = []
+  for _ in range(40):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["flow"]))
+  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_mismatched_features_and_batches_are_refused():
+  config = tiny.get_config("reg=repa")
+  step, state, batches = setup(config, (1, 1))
+  batch = next(batches)
+  features = batch["features"]["toy_encoder"]
+  with pytest.raises(ValueError, match="gives 8 tokens but SiT S/2 has 16 tokens"):
+    step(state, {**batch, "features": {"toy_encoder": features[:, :8]}})
+  with pytest.raises(ValueError, match="are 8 wide but its projector outputs 16"):
+    step(state, {**batch, "features": {"toy_encoder": features[..., :8]}})
+  with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 devices"):
+    sharding.check_batch_divisible(6, sharding.make_mesh(("data", "fsdp"), (2, 2), jax.devices()[:4]))
+  config = tiny.get_config("reg=disperse")
+  config.disperse.group_size = 3
+  step, state, batches = setup(config, (1, 1))
+  with pytest.raises(ValueError, match="group_size=3 does not divide the per-step batch 8"):
+    step(state, next(batches))
