@@ -2,17 +2,21 @@
 from absl import app, flags
 from ml_collections import config_flags
 
+from repa_jax.data.precompute import precompute
 from repa_jax.train.loop import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/tiny.py:reg=both.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard logs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["precompute", "train"],
+                          "precompute: build the feature dataset of the config; train: train (resuming in --workdir).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
-  if _MODE.value == "train":
+  if _MODE.value == "precompute":
+    precompute(_CONFIG.value)
+  elif _MODE.value == "train":
     train(_CONFIG.value, _WORKDIR.value)
 
 

@@ -6,6 +6,7 @@ import ml_collections
 from absl import logging
 from tensorboardX import SummaryWriter
 
+from repa_jax.data.pipeline import FeatureBatches
 from repa_jax.data.synthetic import SyntheticBatches
 from repa_jax.train import checkpoint, sharding
 from repa_jax.train.state import abstract_state, init_state, make_optimizer, model_graphdef
@@ -14,9 +15,11 @@ from repa_jax.train.step import make_train_step
 
 def make_batches(config: ml_collections.ConfigDict, batch_sharding):
   """The batch iterator of config.data.source (with get_state/set_state for checkpoints)."""
+  if config.data.source == "features":
+    return FeatureBatches(config, batch_sharding)
   if config.data.source == "synthetic":
     return SyntheticBatches(config, batch_sharding)
-  raise ValueError(f"config.data.source={config.data.source!r}: use 'synthetic'")
+  raise ValueError(f"config.data.source={config.data.source!r}: use 'features' or 'synthetic'")
 
 
 def format_metrics(step: int, total_steps: int, metrics: dict, images_per_s: float) -> str:

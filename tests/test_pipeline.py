@@ -1,0 +1,107 @@
+"""The grain pipeline over a feature dataset: process shards, determinism, resume, on-device batches, spec checks."""
+import chex
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from repa_jax.data import features
+from repa_jax.data.pipeline import FeatureBatches, process_batches, required_spec
+from repa_jax.train import sharding
+
+NUM_EXAMPLES = 40
+
+
+def tiny_feature_config(directory, quantize="float16"):
+  """The tiny SiT config (8x8x4 latents, 16 tokens, one 16-wide encoder) reading a feature dataset."""
+  config = tiny.get_config("reg=repa")
+  config.data.update(source="features", directory=str(directory), autoencoder="sd-vae-ft-mse")
+  return config
+
+
+def write_dataset(directory, config, quantize="float16"):
+  spec = features.FeatureSpec(**{**required_spec(config).to_dict(), "quantize": quantize, "source": "random"})
+  (name, tokens, width), = spec.encoders
+  for shard in range(2):
+    ids = features.shard_range(NUM_EXAMPLES, shard, 2)
+    rng = np.random.default_rng(shard)
+    records = [{"id": i, "label": i % 10, "ae_mean": rng.normal(size=spec.latent_shape),
+                "ae_std": rng.uniform(0.1, 1, spec.latent_shape), f"feat_{name}": rng.normal(size=(tokens, width))}
+               for i in ids]
+    features.write_shard(directory, spec, "train", shard, 2, records)
+  features.finalize(directory, "train", NUM_EXAMPLES)
+  return features.open_features(directory, "train")[0]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("features") / "toy_features"
+  config = tiny_feature_config(directory)
+  return config, write_dataset(directory, config)
+
+
+
+
+
+def test_process_slices_are_disjoint_and_make_the_global_batch(dataset):
+  _, source = dataset
+  fields = {"id"}
+  whole = process_batches(source, seed=3, global_batch=8, process_index=0, process_count=1, fields=fields)
+  halves = [process_batches(source, seed=3, global_batch=8, process_index=p, process_count=2, fields=fields)
+            for p in range(2)]
+  seen = []
+  for b in range(5):  # one epoch = 40 records = 5 global batches
+    local = [halves[p][b]["id"].tolist() for p in range(2)]
+    assert not set(local[0]) & set(local[1])
+    assert local[0] + local[1] == whole[b]["id"].tolist()
+    seen += whole[b]["id"].tolist()
+  assert sorted(seen) == list(range(NUM_EXAMPLES))  # every record exactly once per epoch
+  second_epoch = sum((whole[b]["id"].tolist() for b in range(5, 10)), [])
+  assert sorted(second_epoch) == list(range(NUM_EXAMPLES)) and second_epoch != seen  # reshuffled
+
+
+def test_same_seed_same_batches_and_another_seed_differs(dataset):
+  _, source = dataset
+  make = lambda seed: process_batches(source, seed=seed, global_batch=8, process_index=0, process_count=1,
+                                      fields={"id"})
+  assert [make(1)[b]["id"].tolist() for b in range(3)] == [make(1)[b]["id"].tolist() for b in range(3)]
+  assert make(1)[0]["id"].tolist() != make(2)[0]["id"].tolist()
+
+
+def test_feature_batches_resume_with_the_identical_next_batch(dataset):
+  config, _ = dataset
+  mesh = sharding.make_mesh(("data", "fsdp"), (4, 2))
+  batches = FeatureBatches(config, sharding.batch_sharding(mesh))
+  first = next(batches)
+  assert first["latent_mean"].shape == (8, 8, 8, 4) and first["features"]["toy_encoder"].shape == (8, 16, 16)
+  assert first["latent_mean"].sharding == sharding.batch_sharding(mesh)
+  state = batches.get_state()
+  expected = jax.device_get(next(batches))
+  resumed = FeatureBatches(config, sharding.batch_sharding(mesh))
+  resumed.set_state(state)
+  chex.assert_trees_all_equal(jax.device_get(next(resumed)), expected)
+
+
+def test_int8_features_are_dequantised_on_device(tmp_path):
+  config = tiny_feature_config(tmp_path / "toy_int8")
+  source = write_dataset(tmp_path / "toy_int8", config, quantize="int8")
+  mesh = sharding.make_mesh(("data", "fsdp"), (1, 1), jax.devices()[:1])
+  batch = jax.device_get(next(FeatureBatches(config, sharding.batch_sharding(mesh))))
+  stored = process_batches(source, seed=config.seed, global_batch=8, process_index=0, process_count=1,
+                           fields={"feat_toy_encoder", "feat_toy_encoder_scale"})[0]
+  assert stored["feat_toy_encoder"].dtype == np.int8
+  np.testing.assert_allclose(batch["features"]["toy_encoder"],
+                             features.dequantize_int8(stored["feat_toy_encoder"], stored["feat_toy_encoder_scale"]))
+  assert batch["features"]["toy_encoder"].dtype == np.float32
+
+
+def test_a_dataset_of_another_shape_is_refused(dataset):
+  config, _ = dataset
+  config = config.copy_and_resolve_references()
+  config.align.encoders = (("toy_encoder", 32),)
+  mesh = sharding.make_mesh(("data", "fsdp"), (1, 1), jax.devices()[:1])
+  with pytest.raises(ValueError, match="encoder 'toy_encoder' width: dataset has 16, config expects 32"):
+    FeatureBatches(config, sharding.batch_sharding(mesh))
+  config.align.encoders = (("other", 16),)
+  with pytest.raises(ValueError, match="no field feat_other"):
+    FeatureBatches(config, sharding.batch_sharding(mesh))
