@@ -1,0 +1,24 @@
+"""The training loop: checkpoints, TensorBoard logs, and a resumed run equal to an uninterrupted one."""
+import jax
+import numpy as np
+
+from configs import tiny
+from repa_jax.train.loop import train
+
+
+def tiny_run_config(steps):
+  config = tiny.get_config("reg=both")
+  config.train.update(steps=steps, checkpoint_every=3, log_every=3)
+  config.mesh.shape = (2, 4)
+  return config
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+  uninterrupted = jax.device_get(train(tiny_run_config(6), str(tmp_path / "a")))
+  train(tiny_run_config(3), str(tmp_path / "b"))
+  assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["3"]
+  resumed = jax.device_get(train(tiny_run_config(6), str(tmp_path / "b")))
+  assert int(resumed["step"]) == 6
+  for a, b in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  assert list((tmp_path / "a").glob("events.out.tfevents.*"))
