@@ -60,7 +60,7 @@ def test_fashion_mnist_reads_idx_files_and_checks_magic_numbers(tmp_path):
 
 def test_fashion_mnist_names_missing_files_and_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"absent/train-images-idx3-ubyte.gz not found.*apt-get install "
-                     r"dataset-fashion-mnist.*config.data.directory"):
+                     r"dataset-fashion-mnist.*config.precompute.source_dir"):
     sources.fashion_mnist("train", directory=tmp_path / "absent")
 
 
@@ -93,7 +93,7 @@ def test_center_crop_halves_large_images_then_resizes_the_short_side():
 
 
 def test_image_folder_names_a_missing_root(tmp_path):
-  with pytest.raises(FileNotFoundError, match="absent not found. Fix: set config.data.directory"):
+  with pytest.raises(FileNotFoundError, match="absent not found. Fix: set config.precompute.source_dir"):
     sources.image_folder(tmp_path / "absent", 16)
 
 

@@ -72,7 +72,7 @@ def fashion_mnist(split: str, directory: str = FASHION_MNIST_DIRECTORY) -> Image
     if not path.exists():
       raise FileNotFoundError(
           f"Fashion-MNIST file {path} not found. Fix: `apt-get install dataset-fashion-mnist`, or set "
-          "config.data.directory to the folder holding the *-ubyte.gz files.")
+          "config.precompute.source_dir to the folder holding the *-ubyte.gz files.")
   images = read_idx_ubyte(image_path, ndim=3)[..., None]
   labels = read_idx_ubyte(label_path, ndim=1)
   if len(images) != len(labels):
@@ -110,7 +110,7 @@ def image_folder(root: epath.PathLike, resolution: int) -> ImageSource:
   """
   root = epath.Path(root)
   if not root.is_dir():
-    raise FileNotFoundError(f"image folder {root} not found. Fix: set config.data.directory to a folder with one "
+    raise FileNotFoundError(f"image folder {root} not found. Fix: set config.precompute.source_dir to a folder with one "
                             "sub-folder of JPEG/PNG images per class.")
   class_folders = sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
   files, labels = [], []
@@ -147,7 +147,7 @@ def tfds_images(name: str, split: str, data_dir: epath.PathLike | None = None,
   if not prepared:
     raise FileNotFoundError(
         f"TFDS dataset {name!r} is not prepared in data_dir={data_dir}. Fix: prepare it there with "
-        f"`tfds build {name} --file_format=array_record --data_dir=<data_dir>`, or set config.data.directory to the "
+        f"`tfds build {name} --file_format=array_record --data_dir=<data_dir>`, or set config.precompute.source_dir to the "
         "data_dir where it is prepared.")
   if builder.info.supervised_keys is None:
     raise ValueError(f"TFDS dataset {name!r} declares no supervised keys (image, label); only image-classification "

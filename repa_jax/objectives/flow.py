@@ -7,8 +7,8 @@ TIME_SAMPLERS = ("uniform", "lognormal")
 
 
 def path_coefficients(t: jax.Array, path: str) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """t: [B] -> (alpha, sigma, d_alpha/dt, d_sigma/dt), each [B] float32."""
-  t = t.astype(jnp.float32)
+  """t: [B] -> (alpha, sigma, d_alpha/dt, d_sigma/dt), each [B] in float32 (float64 if t is: the samplers' x64 state)."""
+  t = t.astype(jnp.promote_types(t.dtype, jnp.float32))
   if path == "linear":
     return 1 - t, t, -jnp.ones_like(t), jnp.ones_like(t)
   if path == "cosine":

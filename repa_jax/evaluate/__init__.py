@@ -1,0 +1,1 @@
+"""Generative-model metrics from feature-network outputs: FD (FID, sFID), Inception Score, precision/recall."""
