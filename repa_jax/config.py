@@ -21,6 +21,9 @@ def base_config() -> ml_collections.ConfigDict:
                  weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, label_dropout=0.1, log_every=100,
                  checkpoint_every=10_000, keep_checkpoints=3)
   c.mesh = dict(axes=("data", "fsdp"), shape=(-1, 1))
+  # --mode=sample: sampler euler | heun | sde; labels uniform | balanced; checkpoint_step 0 = the newest.
+  c.sample = dict(sampler="sde", steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, num_samples=50_000,
+                  batch_size=256, labels="uniform", seed=0, checkpoint_step=0)
   # --mode=precompute: images of `source` ('fashion_mnist' | 'image_folder' | 'tfds:<name>') -> config.data.directory.
   c.precompute = dict(source="fashion_mnist", source_dir="", resolution=0, splits=("train",), num_shards=8,
                       batch_size=256, quantize="float16", encoder_dir="data/encoders")

@@ -3,12 +3,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from repa_jax.data.precompute import precompute
+from repa_jax.sample.generate import generate
 from repa_jax.train.loop import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/tiny.py:reg=both.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard logs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["precompute", "train"],
-                          "precompute: build the feature dataset of the config; train: train (resuming in --workdir).")
+_MODE = flags.DEFINE_enum("mode", "train", ["precompute", "train", "sample"],
+                          "precompute: build the config's feature dataset; train: train (resuming in --workdir); "
+                          "sample: EMA samples of a checkpoint in --workdir to .npz + PNG.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -18,6 +20,8 @@ def main(argv):
     precompute(_CONFIG.value)
   elif _MODE.value == "train":
     train(_CONFIG.value, _WORKDIR.value)
+  elif _MODE.value == "sample":
+    print(generate(_CONFIG.value, _WORKDIR.value))
 
 
 if __name__ == "__main__":

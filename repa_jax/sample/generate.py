@@ -1,0 +1,118 @@
+"""--mode=sample: EMA parameters of a checkpoint -> N samples -> an ADM-format .npz and a PNG grid.
+
+Deterministic for config.sample.seed whatever the device count (chunk i draws its noise from fold_in(key, i), the
+labels are drawn up front), and resumable: finished chunks are kept on disk and skipped by a re-run.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image
+from tqdm import tqdm
+
+from repa_jax.models.repa_sit import compute_dtype, sit_spec
+from repa_jax.models.sit import SiT
+from repa_jax.sample.samplers import Guidance, sample
+from repa_jax.train import checkpoint
+from repa_jax.train.state import abstract_state, make_optimizer
+
+LABEL_MODES = ("uniform", "balanced")
+
+
+def sample_labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray:
+  """[num] int32 labels: uniform random from config.sample.seed, or class-balanced (0, 1, ..., K-1, 0, ...)."""
+  classes = config.data.num_classes
+  if config.sample.labels == "uniform":
+    return np.asarray(jax.random.randint(jax.random.key(config.sample.seed), (num,), 0, classes), np.int32)
+  if config.sample.labels == "balanced":
+    return np.arange(num, dtype=np.int32) % classes
+  raise ValueError(f"config.sample.labels={config.sample.labels!r}: use one of {LABEL_MODES}")
+
+
+def to_uint8(x: jax.Array) -> jax.Array:
+  """Pixels in [-1, 1] -> uint8 clip(255 (x + 1) / 2), rounded."""
+  return jnp.clip(jnp.round(255 * (x + 1) / 2), 0, 255).astype(jnp.uint8)
+
+
+def make_sampler(config: ml_collections.ConfigDict, mesh: Mesh):
+  """Jitted (params, noise [B, H, W, C], labels [B], key) -> uint8 images [B, H, W, C], the batch over all devices."""
+  s = config.sample
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: SiT(sit_spec(config), nnx.Rngs(0), dtype=compute_dtype(config))))
+  guidance = None if s.cfg_scale == 1.0 else Guidance(s.cfg_scale, config.data.num_classes, s.guidance_low,
+                                                      s.guidance_high)
+  if config.data.autoencoder != "identity":
+    raise ValueError(f"config.data.autoencoder={config.data.autoencoder!r}: decoding it is not available yet; "
+                     "sample from a pixel-space (identity) model")
+
+  def generate(params, noise, labels, key):
+    sit = nnx.merge(graphdef, params)
+    velocity = lambda x, t, y: sit(x, t, y)[0]
+    x = sample(s.sampler, velocity, noise, labels, key, s.steps, config.flow.path, guidance)
+    return to_uint8(x / config.data.latent_scale)
+
+  batch = NamedSharding(mesh, P(mesh.axis_names))
+  return jax.jit(generate, in_shardings=(NamedSharding(mesh, P()), batch, batch, None), out_shardings=batch)
+
+
+def load_sit_ema(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, step: int | None = None):
+  """(SiT EMA parameters replicated on `mesh`, step) from a checkpoint, reading nothing else."""
+  abstract = abstract_state(config, make_optimizer(config))["ema_params"]
+  replicated = NamedSharding(mesh, P())
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
+  params, step = checkpoint.restore_ema_params(workdir, target, step)
+  return params["sit"], step
+
+
+def generate_images(config: ml_collections.ConfigDict, params, num: int, sampler, chunk_dir: epath.Path | None = None,
+                    show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 images [num, H, W, C], labels [num]) in chunks of config.sample.batch_size; chunks found in `chunk_dir`
+  are reused, new ones saved there."""
+  s, shape = config.sample, tuple(config.data.latent_shape)
+  labels, key = sample_labels(config, num), jax.random.key(s.seed)
+  images = []
+  for i, start in enumerate(tqdm(range(0, num, s.batch_size), disable=not show_progress, desc="sample", unit="chunk")):
+    path = chunk_dir / f"chunk_{i:05d}.npy" if chunk_dir else None
+    if path and path.exists():
+      images.append(np.load(path))
+      continue
+    chunk_key = jax.random.fold_in(key, i)
+    noise = jax.random.normal(jax.random.fold_in(chunk_key, 0), (s.batch_size, *shape))
+    chunk_labels = np.resize(labels[start:start + s.batch_size], s.batch_size)  # the last chunk padded
+    chunk = np.asarray(jax.device_get(sampler(params, noise, chunk_labels, jax.random.fold_in(chunk_key, 1))))
+    chunk = chunk[:min(s.batch_size, num - start)]
+    if path and jax.process_index() == 0:
+      np.save(path, chunk)
+    images.append(chunk)
+  return np.concatenate(images), labels
+
+
+def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
+  """uint8 [N, H, W, C] -> one uint8 [rows * H, columns * W, C] grid (empty cells black)."""
+  n, h, w, c = images.shape
+  rows = -(-n // columns)
+  padded = np.concatenate([images, np.zeros((rows * columns - n, h, w, c), np.uint8)])
+  return padded.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, c)
+
+
+def save_png(path: epath.Path, grid: np.ndarray) -> None:
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+
+
+def generate(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
+  """Writes <workdir>/samples/<step>/samples.npz (ADM format: uint8 NHWC arr_0, labels arr_1) and grid.png."""
+  s = config.sample
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  if s.batch_size % mesh.size:
+    raise ValueError(f"config.sample.batch_size={s.batch_size} is not divisible by the {mesh.size} devices")
+  params, step = load_sit_ema(config, workdir, mesh, s.checkpoint_step or None)
+  out_dir = epath.Path(workdir) / "samples" / f"{step}_{s.sampler}{s.steps}_cfg{s.cfg_scale}_seed{s.seed}"
+  (out_dir / "chunks").mkdir(parents=True, exist_ok=True)
+  images, labels = generate_images(config, params, s.num_samples, make_sampler(config, mesh), out_dir / "chunks",
+                                   show_progress=jax.process_index() == 0)
+  if jax.process_index() == 0:
+    np.savez(out_dir / "samples.npz", arr_0=images, arr_1=labels)
+    save_png(out_dir / "grid.png", image_grid(images[:100], 10))
+  return out_dir / "samples.npz"
