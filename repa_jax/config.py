@@ -24,6 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
   # --mode=sample: sampler euler | heun | sde; labels uniform | balanced; checkpoint_step 0 = the newest.
   c.sample = dict(sampler="sde", steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, num_samples=50_000,
                   batch_size=256, labels="uniform", seed=0, checkpoint_step=0)
+  # --mode=evaluate and in-training evaluation (every_steps 0 = off), against the real split `split`.
+  c.evaluate = dict(split="test", every_steps=0, num_samples=1000, batch_size=200, sampler="euler", steps=50)
   # --mode=precompute: images of `source` ('fashion_mnist' | 'image_folder' | 'tfds:<name>') -> config.data.directory.
   c.precompute = dict(source="fashion_mnist", source_dir="", resolution=0, splits=("train",), num_shards=8,
                       batch_size=256, quantize="float16", encoder_dir="data/encoders")

@@ -101,6 +101,13 @@ def save_png(path: epath.Path, grid: np.ndarray) -> None:
   Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
 
 
+def output_dir(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> epath.Path:
+  """<workdir>/samples/<step>_<sampler><steps>_cfg<scale>_seed<seed>; step None = the newest checkpoint's."""
+  s = config.sample
+  step = step or s.checkpoint_step or checkpoint.latest_step(workdir)
+  return epath.Path(workdir) / "samples" / f"{step}_{s.sampler}{s.steps}_cfg{s.cfg_scale}_seed{s.seed}"
+
+
 def generate(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
   """Writes <workdir>/samples/<step>/samples.npz (ADM format: uint8 NHWC arr_0, labels arr_1) and grid.png."""
   s = config.sample
@@ -108,7 +115,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
   if s.batch_size % mesh.size:
     raise ValueError(f"config.sample.batch_size={s.batch_size} is not divisible by the {mesh.size} devices")
   params, step = load_sit_ema(config, workdir, mesh, s.checkpoint_step or None)
-  out_dir = epath.Path(workdir) / "samples" / f"{step}_{s.sampler}{s.steps}_cfg{s.cfg_scale}_seed{s.seed}"
+  out_dir = output_dir(config, workdir, step)
   (out_dir / "chunks").mkdir(parents=True, exist_ok=True)
   images, labels = generate_images(config, params, s.num_samples, make_sampler(config, mesh), out_dir / "chunks",
                                    show_progress=jax.process_index() == 0)

@@ -27,14 +27,22 @@ def restore_latest(manager: ocp.CheckpointManager, target) -> tuple[dict, dict] 
   return restored["state"], restored["data"]
 
 
+def latest_step(workdir: str) -> int:
+  """The newest checkpoint step in `workdir`, or an error saying there is none."""
+  step = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints").latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first, or pass another --workdir")
+  return step
+
+
 def restore_ema_params(workdir: str, target, step: int | None = None) -> tuple[dict, int]:
   """(EMA parameters, step) of checkpoint `step` (None = newest) in `workdir`, restored into `target` (a tree of
   ShapeDtypeStructs with shardings); nothing else (no optimizer state) is read."""
   manager = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints")
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {workdir}/checkpoints "
-                            f"(it has {manager.all_steps()}): train first, or pass another --workdir / step")
+  step = latest_step(workdir) if step is None else step
+  if step not in manager.all_steps():
+    raise FileNotFoundError(f"no checkpoint {step} in {workdir}/checkpoints (it has {manager.all_steps()}): "
+                            "choose one of those (config.sample.checkpoint_step)")
   item = {"ema_params": target}
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))

@@ -1,4 +1,5 @@
 """The training loop: mesh -> state (fresh or restored) -> jitted sharded steps -> logs and checkpoints."""
+import json
 import time
 
 import jax
@@ -8,6 +9,7 @@ from tensorboardX import SummaryWriter
 
 from repa_jax.data.pipeline import FeatureBatches
 from repa_jax.data.synthetic import SyntheticBatches
+from repa_jax.evaluate.evaluate import make_periodic_evaluator
 from repa_jax.train import checkpoint, sharding
 from repa_jax.train.state import abstract_state, init_state, make_optimizer, model_graphdef
 from repa_jax.train.step import make_train_step
@@ -52,6 +54,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
 
+  evaluator = make_periodic_evaluator(config, mesh) if config.evaluate.every_steps else None
+
   # The loop: logs every log_every steps (process 0 only), checkpoints every checkpoint_every steps and at the end.
   is_lead = jax.process_index() == 0
   writer = SummaryWriter(workdir) if is_lead else None
@@ -69,6 +73,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           writer.add_scalar(f"train/{name}", value, step)
         writer.add_scalar("train/images_per_second", rate, step)
         print(format_metrics(step, total, metrics, rate), flush=True)
+    if evaluator and (step % config.evaluate.every_steps == 0 or step == total):
+      results, grid = evaluator(state["ema_params"]["sit"])
+      if is_lead:
+        for name, value in results.items():
+          writer.add_scalar(f"eval/{name}", value, step)
+        writer.add_image("eval/samples", grid, step, dataformats="HWC")
+        with open(f"{workdir}/eval.jsonl", "a") as file:
+          file.write(json.dumps({"step": step, **results}) + "\n")
+        print(f"eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()), flush=True)
     if step % config.train.checkpoint_every == 0 or step == total:
       checkpoint.save(manager, state, batches.get_state())
   manager.wait_until_finished()
