@@ -26,5 +26,6 @@ setuptools.setup(
     extras_require={
         "tpu": ["jax[tpu]==0.10.2"],
         "test": ["pytest", "pytest-xdist"],
+        "study": ["matplotlib"],
     },
 )
