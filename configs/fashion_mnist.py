@@ -5,6 +5,7 @@ width 192. REPA aligns block 2 to the project's own small ViT encoder ('fmnist_v
 cached under config.precompute.encoder_dir); the dispersive term reads block depth // 4 = 1.
 """
 from repa_jax.config import base_config, parse_arg, select_regularizers
+from repa_jax.data.encoder import EncoderConfig
 
 
 def get_config(arg=None):
@@ -13,7 +14,7 @@ def get_config(arg=None):
   c.model.update(name="S/4", depth=6, width=192, num_heads=3)
   c.data.update(source="features", directory="data/fashion_mnist_fmnist_vit", split="train", latent_shape=(28, 28, 1),
                 num_classes=10, autoencoder="identity", latent_scale=1.0)
-  c.align.update(block=2, encoders=(("fmnist_vit", 128),), projector_dim=512)
+  c.align.update(block=2, encoders=(("fmnist_vit", EncoderConfig().width),), projector_dim=512)
   c.disperse.update(group_size=16)
   select_regularizers(c, args["reg"])
   c.train.update(batch_size=64, steps=2000, lr=2e-4, log_every=50, checkpoint_every=500)

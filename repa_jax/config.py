@@ -27,8 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
   # --mode=evaluate and in-training evaluation (every_steps 0 = off), against the real split `split`.
   c.evaluate = dict(split="test", every_steps=0, num_samples=1000, batch_size=200, sampler="euler", steps=50)
   # --mode=precompute: images of `source` ('fashion_mnist' | 'image_folder' | 'tfds:<name>') -> config.data.directory.
-  c.precompute = dict(source="fashion_mnist", source_dir="", resolution=0, splits=("train",), num_shards=8,
-                      batch_size=256, quantize="float16", encoder_dir="data/encoders")
+  # limit: use only the first `limit` images of each split (0 = all); encoder_*: the project-trained encoders' cache
+  # and training steps (0 = their default).
+  c.precompute = dict(source="fashion_mnist", source_dir="", resolution=0, splits=("train",), limit=0, num_shards=8,
+                      batch_size=256, quantize="float16", encoder_dir="data/encoders", encoder_steps=0)
   return c
 
 

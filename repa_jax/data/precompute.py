@@ -3,6 +3,7 @@
 Every process computes and writes the shards it owns (under `jit`, the batch split over its local devices), a re-run
 keeps finished shards, and process 0 finalizes each split once all processes are done (exactly-once check by id).
 """
+import dataclasses
 from collections.abc import Callable, Iterator
 
 import jax
@@ -13,29 +14,40 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from repa_jax.data import features, sources
+from repa_jax.data import encoder, features, sources
 from repa_jax.data.pipeline import required_spec
 
 Encode = Callable[[jax.Array], jax.Array]  # uint8 images [B, H, W, C] -> features [B, tokens, width]
 
 
 def image_source(config: ml_collections.ConfigDict, split: str) -> sources.ImageSource:
-  """The images of config.precompute.source ('fashion_mnist' | 'image_folder' | 'tfds:<name>')."""
+  """The images of config.precompute.source ('fashion_mnist' | 'image_folder' | 'tfds:<name>'), the first
+  config.precompute.limit of them when set."""
   p = config.precompute
   if p.source == "fashion_mnist":
-    return sources.fashion_mnist(split, p.source_dir or sources.FASHION_MNIST_DIRECTORY)
-  if p.source == "image_folder":
-    return sources.image_folder(f"{p.source_dir}/{split}", p.resolution)
-  if p.source.startswith("tfds:"):
-    return sources.tfds_images(p.source.removeprefix("tfds:"), split, p.source_dir or None, p.resolution or None)
-  raise ValueError(f"config.precompute.source={p.source!r}: use 'fashion_mnist', 'image_folder' or 'tfds:<name>'")
+    source = sources.fashion_mnist(split, p.source_dir or sources.FASHION_MNIST_DIRECTORY)
+  elif p.source == "image_folder":
+    source = sources.image_folder(f"{p.source_dir}/{split}", p.resolution)
+  elif p.source.startswith("tfds:"):
+    source = sources.tfds_images(p.source.removeprefix("tfds:"), split, p.source_dir or None, p.resolution or None)
+  else:
+    raise ValueError(f"config.precompute.source={p.source!r}: use 'fashion_mnist', 'image_folder' or 'tfds:<name>'")
+  if p.limit and p.limit < len(source):
+    return dataclasses.replace(source, num_examples=p.limit)
+  return source
+
+
+def encoder_config(config: ml_collections.ConfigDict, **overrides) -> encoder.EncoderConfig:
+  """The training run of a project-trained encoder: the defaults, config.precompute.encoder_steps if set."""
+  steps = {"steps": config.precompute.encoder_steps} if config.precompute.encoder_steps else {}
+  return encoder.EncoderConfig(**steps, **overrides)
 
 
 def load_encoder(name: str, config: ml_collections.ConfigDict) -> tuple[Encode, dict]:
   """(encode function, info) of a representation encoder named in config.align.encoders."""
   if name == "fmnist_vit":
-    from repa_jax.data.encoder import load_or_train_encoder
-    return load_or_train_encoder(config.precompute.encoder_dir, seed=config.seed)
+    return encoder.load_or_train_encoder(config.precompute.encoder_dir, encoder_config(config), name=name,
+                                         directory=config.precompute.source_dir or sources.FASHION_MNIST_DIRECTORY)
   raise ValueError(f"encoder {name!r} in config.align.encoders cannot be precomputed here: available: 'fmnist_vit'")
 
 
@@ -64,8 +76,8 @@ def shard_records(source: sources.ImageSource, ids: range, compute, batch_size: 
   for start in range(ids.start, ids.stop, batch_size):
     chunk = [source[i] for i in range(start, min(start + batch_size, ids.stop))]
     images = np.stack([item["image"] for item in chunk])
-    padded = -len(chunk) % num_devices
-    outputs = jax.device_get(compute(np.concatenate([images, images[:padded]]) if padded else images))
+    padding = [(0, -len(chunk) % num_devices)] + [(0, 0)] * (images.ndim - 1)
+    outputs = jax.device_get(compute(np.pad(images, padding, mode="edge")))
     for k, item in enumerate(chunk):
       yield {"id": item["id"], "label": item["label"], **{name: value[k] for name, value in outputs.items()}}
     progress.update(len(chunk))
