@@ -46,8 +46,10 @@ def encoder_config(config: ml_collections.ConfigDict, **overrides) -> encoder.En
 def load_encoder(name: str, config: ml_collections.ConfigDict) -> tuple[Encode, dict]:
   """(encode function, info) of a representation encoder named in config.align.encoders."""
   if name == "fmnist_vit":
-    return encoder.load_or_train_encoder(config.precompute.encoder_dir, encoder_config(config), name=name,
-                                         directory=config.precompute.source_dir or sources.FASHION_MNIST_DIRECTORY)
+    encode, info = encoder.load_or_train_encoder(config.precompute.encoder_dir, encoder_config(config), name=name,
+                                                 directory=config.precompute.source_dir or
+                                                 sources.FASHION_MNIST_DIRECTORY)
+    return (lambda images: encode(images)[0]), info
   raise ValueError(f"encoder {name!r} in config.align.encoders cannot be precomputed here: available: 'fmnist_vit'")
 
 

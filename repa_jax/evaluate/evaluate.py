@@ -14,10 +14,11 @@ import numpy as np
 from etils import epath
 
 from repa_jax.data import encoder
-from repa_jax.data.encoder import EncoderConfig
+from repa_jax.data.precompute import encoder_config, image_source
+from repa_jax.data.sources import FASHION_MNIST_DIRECTORY
 from repa_jax.evaluate import metrics
 
-CLASSIFIER = EncoderConfig(seed=1)  # another initialisation and data order than the REPA encoder's
+CLASSIFIER_SEED = 1  # another initialisation and data order than the REPA encoder's (seed 0)
 SPATIAL_CHANNELS = 8
 
 
@@ -26,9 +27,9 @@ def feature_network(config: ml_collections.ConfigDict):
   if config.precompute.source != "fashion_mnist":
     raise ValueError(f"config.precompute.source={config.precompute.source!r}: its feature network (Inception-v3 for "
                      "ImageNet) is not available yet; evaluation supports 'fashion_mnist'")
-  spec, params, info = encoder.load_or_train(config.precompute.encoder_dir, CLASSIFIER,
-                                             name="fashion_mnist_classifier")
-  encode = encoder.make_encode_fn(spec, params)
+  encode, info = encoder.load_or_train_encoder(
+      config.precompute.encoder_dir, encoder_config(config, seed=CLASSIFIER_SEED), name="fashion_mnist_classifier",
+      directory=config.precompute.source_dir or FASHION_MNIST_DIRECTORY)
 
   def features(images):
     tokens, logits = encode(images)
@@ -50,7 +51,6 @@ def reference_outputs(config: ml_collections.ConfigDict, features, split: str) -
   if path.exists():
     with path.open("rb") as file:
       return dict(np.load(file))
-  from repa_jax.data.precompute import image_source
   source = image_source(config, split)
   images = np.stack([source[i]["image"] for i in range(len(source))])
   outputs = network_outputs(features, images)

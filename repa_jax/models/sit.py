@@ -75,9 +75,25 @@ class SiT(nnx.Module):
     self.t_embed = TimestepEmbedder(d, rngs, dtype=dtype)
     # The extra row (index num_classes) is the null class for classifier-free guidance.
     self.y_embed = nnx.Embed(spec.num_classes + 1, d, embedding_init=normal_002, rngs=rngs)
-    self.blocks = nnx.List([SiTBlock(d, spec.num_heads, spec.mlp_ratio, rngs, dtype=dtype) for _ in range(spec.depth)])
+
+    @nnx.split_rngs(splits=spec.depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs):
+      return SiTBlock(d, spec.num_heads, spec.mlp_ratio, rngs, dtype=dtype)
+
+    # All blocks' parameters stacked on a leading [depth] axis; the forward pass scans over them, which keeps compile
+    # time flat in depth and lets XLA keep the backward pass linear in depth.
+    self.blocks = make_blocks(rngs)
     self.final_ada_ln = linear(d, 2 * d, rngs, dtype=dtype, init=zeros)
     self.final_linear = linear(d, p * p * c, rngs, dtype=dtype, init=zeros)
+
+  def run_blocks(self, hidden: jax.Array, c: jax.Array, start: int, stop: int) -> jax.Array:
+    """Blocks start+1 .. stop (1-indexed) applied to hidden [B, N, D] with conditioning c [B, D], by lax.scan."""
+    if start == stop:
+      return hidden
+    graphdef, params = nnx.split(self.blocks)
+    segment = jax.tree.map(lambda p: p[start:stop], params)
+    return jax.lax.scan(lambda h, p: (nnx.merge(graphdef, p)(h, c), None), hidden, segment)[0]
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array,
                hidden_blocks: Sequence[int] = ()) -> tuple[jax.Array, dict[int, jax.Array]]:
@@ -95,11 +111,11 @@ class SiT(nnx.Module):
     tokens = x.reshape(b, gh, p, gw, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, -1)
     hidden = self.patch_embed(tokens.astype(self.dtype)) + sincos_pos_embed_2d(self.spec.width, gh, gw).astype(self.dtype)
     c = (self.t_embed(t) + self.y_embed(y)).astype(self.dtype)
-    hiddens = {}
-    for k, block in enumerate(self.blocks, start=1):
-      hidden = block(hidden, c)
-      if k in hidden_blocks:
-        hiddens[k] = hidden
+    hiddens, done = {}, 0
+    for k in sorted(set(hidden_blocks)):
+      hidden, done = self.run_blocks(hidden, c, done, k), k
+      hiddens[k] = hidden
+    hidden = self.run_blocks(hidden, c, done, self.spec.depth)
     shift, scale = jnp.split(self.final_ada_ln(nnx.silu(c)), 2, axis=-1)
     out = self.final_linear(modulate(layer_norm(hidden), shift, scale))
     out = out.reshape(b, gh, gw, p, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, -1)
