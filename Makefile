@@ -23,8 +23,13 @@ fashion-mnist:
 	         "or put its four IDX .gz files in a directory and pass --config.data.directory=DIR" >&2; exit 1; \
 	  fi; }
 
+# Data and encoder -> feature dataset -> train SiT + REPA -> EMA samples (.npz + PNG grid) -> metrics JSON.
+# Every stage resumes: a re-run keeps finished shards, checkpoints and sample chunks.
 run: venv fashion-mnist
-	$(VENV)/bin/python -m repa_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(VENV)/bin/python -m repa_jax.main --mode=precompute --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(VENV)/bin/python -m repa_jax.main --mode=train --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(VENV)/bin/python -m repa_jax.main --mode=sample --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(VENV)/bin/python -m repa_jax.main --mode=evaluate --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: venv fashion-mnist
 	$(VENV)/bin/python -m pytest -q -n 2 tests
