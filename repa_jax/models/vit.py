@@ -99,7 +99,7 @@ class ViT(nnx.Module):
     self.spec = spec
     self.dtype = dtype
     p, c, d = spec.patch, spec.channels, spec.width
-    self.patch_embed = linear(p * p * c, d, rngs, dtype=dtype)  # == conv(kernel p, stride p)
+    self.patch_embed = linear(p * p * c, d, rngs, dtype=dtype)  # == conv(kernel p, stride p) on raster patches
     self.cls_token = nnx.Param(normal_002(rngs.params(), (1, 1, d), jnp.float32))
     self.pos_embed = (nnx.Param(normal_002(rngs.params(), (1, 1 + spec.num_tokens, d), jnp.float32))
                       if spec.pos_embed == "learned" else None)

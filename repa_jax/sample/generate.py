@@ -43,6 +43,9 @@ def make_sampler(config: ml_collections.ConfigDict, mesh: Mesh):
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: SiT(sit_spec(config), nnx.Rngs(0), dtype=compute_dtype(config))))
   guidance = None if s.cfg_scale == 1.0 else Guidance(s.cfg_scale, config.data.num_classes, s.guidance_low,
                                                       s.guidance_high)
+  if s.batch_size % mesh.size:
+    raise ValueError(f"config.sample.batch_size={s.batch_size} (config.evaluate.batch_size in training) is not "
+                     f"divisible by the {mesh.size} devices: use a multiple of {mesh.size}")
   if config.data.autoencoder != "identity":
     raise ValueError(f"config.data.autoencoder={config.data.autoencoder!r}: decoding it is not available yet; "
                      "sample from a pixel-space (identity) model")
@@ -112,8 +115,6 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
   """Writes <workdir>/samples/<step>/samples.npz (ADM format: uint8 NHWC arr_0, labels arr_1) and grid.png."""
   s = config.sample
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  if s.batch_size % mesh.size:
-    raise ValueError(f"config.sample.batch_size={s.batch_size} is not divisible by the {mesh.size} devices")
   params, step = load_sit_ema(config, workdir, mesh, s.checkpoint_step or None)
   out_dir = output_dir(config, workdir, step)
   (out_dir / "chunks").mkdir(parents=True, exist_ok=True)
