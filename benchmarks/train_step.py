@@ -19,8 +19,8 @@ from ml_collections import config_flags
 from repa_jax.models.repa_sit import sit_spec
 from repa_jax.train import sharding
 from repa_jax.train.loop import make_batches
-from repa_jax.train.state import abstract_state, init_state, make_optimizer, model_graphdef
-from repa_jax.train.step import dispersive_blocks, make_train_step
+from repa_jax.train.state import abstract_state, init_state, make_optimizer
+from repa_jax.train.step import dispersive_blocks, jit_train_step
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/imagenet.py:model=B/2.")
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch size (sets config.train.batch_size).")
@@ -91,9 +91,7 @@ def main(argv):
   batch_sharding = sharding.batch_sharding(mesh)
   batches = make_batches(config, batch_sharding)
   state = init_state(config, tx, state_sharding)
-  train_step = jax.jit(make_train_step(config, model_graphdef(config)),
-                       in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  train_step = jit_train_step(config, mesh, state_sharding)
   num_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
 
   batch = jax.block_until_ready(next(batches))

@@ -4,13 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs import tiny
 from repa_jax.data.synthetic import SyntheticBatches
 from repa_jax.train import sharding
 from repa_jax.train.state import abstract_state, init_state, make_optimizer, model_graphdef
-from repa_jax.train.step import drop_labels, make_train_step
+from repa_jax.train.step import drop_labels, jit_train_step, make_train_step
 
 
 def setup(config, mesh_shape):
@@ -19,9 +18,7 @@ def setup(config, mesh_shape):
   tx = make_optimizer(config)
   shardings = sharding.state_sharding(abstract_state(config, tx), mesh)
   batch_sharding = sharding.batch_sharding(mesh)
-  step = jax.jit(make_train_step(config, model_graphdef(config)), in_shardings=(shardings, batch_sharding),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  return step, init_state(config, tx, shardings), SyntheticBatches(config, batch_sharding)
+  return jit_train_step(config, mesh, shardings), init_state(config, tx, shardings), SyntheticBatches(config, batch_sharding)
 
 
 def run(config, mesh_shape, steps):

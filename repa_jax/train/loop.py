@@ -11,8 +11,8 @@ from repa_jax.data.pipeline import FeatureBatches
 from repa_jax.data.synthetic import SyntheticBatches
 from repa_jax.evaluate.evaluate import make_periodic_evaluator
 from repa_jax.train import checkpoint, sharding
-from repa_jax.train.state import abstract_state, init_state, make_optimizer, model_graphdef
-from repa_jax.train.step import make_train_step
+from repa_jax.train.state import abstract_state, init_state, make_optimizer
+from repa_jax.train.step import jit_train_step
 
 
 def make_batches(config: ml_collections.ConfigDict, batch_sharding):
@@ -50,9 +50,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("resumed from step %d", int(state["step"]))
 
   # The jitted step: donated state, explicit shardings in and out.
-  train_step = jax.jit(make_train_step(config, model_graphdef(config)),
-                       in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  train_step = jit_train_step(config, mesh, state_sharding)
 
   evaluator = make_periodic_evaluator(config, mesh) if config.evaluate.every_steps else None
 

@@ -9,7 +9,8 @@ from repa_jax.objectives.alignment import alignment_loss
 from repa_jax.objectives.dispersive import dispersive_loss
 from repa_jax.objectives.flow import flow_loss, interpolate, sample_time
 from repa_jax.models.repa_sit import sit_spec
-from repa_jax.train.state import learning_rate_schedule, make_optimizer
+from repa_jax.train import sharding
+from repa_jax.train.state import learning_rate_schedule, make_optimizer, model_graphdef
 
 
 def dispersive_blocks(config: ml_collections.ConfigDict, depth: int) -> tuple[int, ...]:
@@ -96,3 +97,10 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema_params": ema_params}, metrics
 
   return train_step
+
+
+def jit_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, state_sharding):
+  """`make_train_step` under jax.jit: explicit shardings in and out (batch over all mesh axes), state donated."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  return jax.jit(make_train_step(config, model_graphdef(config)), in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
