@@ -24,6 +24,19 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
+def patchify(x: jax.Array, patch: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H / p) * (W / p), p * p * C], patches in raster order (a stride-p conv's receptive fields)."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5).reshape(
+      b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(tokens: jax.Array, patch: int, h: int, w: int) -> jax.Array:
+  """The inverse of `patchify`: [B, (H / p) * (W / p), p * p * C] -> [B, H, W, C]."""
+  b = tokens.shape[0]
+  return tokens.reshape(b, h // patch, w // patch, patch, patch, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, -1)
+
+
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   """adaLN modulation. x: [B, N, D]; shift, scale: [B, D]."""
   return x * (1 + scale[:, None]) + shift[:, None]

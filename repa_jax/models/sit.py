@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from repa_jax.models.layers import (Attention, Mlp, TimestepEmbedder, layer_norm, linear, modulate, normal_002,
-                                    sincos_pos_embed_2d, zeros)
+                                    patchify, sincos_pos_embed_2d, unpatchify, zeros)
 
 # size -> (depth, width, heads), as in the official SiT.
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -104,11 +104,11 @@ class SiT(nnx.Module):
     for k in hidden_blocks:
       if not 1 <= k <= self.spec.depth:
         raise ValueError(f"hidden block {k} is outside 1..{self.spec.depth} (the model depth)")
-    b, h, w, _ = x.shape
+    _, h, w, _ = x.shape
     p, (gh, gw) = self.spec.patch, self.spec.grid
     if (h, w) != tuple(self.spec.input_size):
       raise ValueError(f"input {h}x{w} does not match the model's input_size {self.spec.input_size}")
-    tokens = x.reshape(b, gh, p, gw, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, -1)
+    tokens = patchify(x, p)
     hidden = self.patch_embed(tokens.astype(self.dtype)) + sincos_pos_embed_2d(self.spec.width, gh, gw).astype(self.dtype)
     c = (self.t_embed(t) + self.y_embed(y)).astype(self.dtype)
     hiddens, done = {}, 0
@@ -118,5 +118,5 @@ class SiT(nnx.Module):
     hidden = self.run_blocks(hidden, c, done, self.spec.depth)
     shift, scale = jnp.split(self.final_ada_ln(nnx.silu(c)), 2, axis=-1)
     out = self.final_linear(modulate(layer_norm(hidden), shift, scale))
-    out = out.reshape(b, gh, gw, p, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, -1)
+    out = unpatchify(out, p, h, w)
     return out.astype(jnp.float32), hiddens

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from repa_jax.models.layers import Attention, linear, normal_002, sincos_pos_embed_2d, zeros
+from repa_jax.models.layers import Attention, linear, normal_002, patchify, sincos_pos_embed_2d, zeros
 
 POS_EMBEDS = ("sincos", "learned")
 POOLS = ("cls", "mean")
@@ -119,8 +119,7 @@ class ViT(nnx.Module):
     if (h, w, c) != (*self.spec.image_size, self.spec.channels):
       raise ValueError(f"ViT input [B, H, W, C] = {images.shape} does not match ViTSpec image_size "
                        f"{self.spec.image_size} with {self.spec.channels} channels")
-    p, (gh, gw) = self.spec.patch, self.spec.grid
-    patches = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)
+    patches = patchify(images, self.spec.patch)
     x = self.patch_embed(patches.astype(self.dtype))
     x = jnp.concatenate([jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, x.shape[-1])), x], axis=1)
     x = x + self.position_embedding().astype(x.dtype)
