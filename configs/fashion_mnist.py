@@ -17,7 +17,7 @@ def get_config(arg=None):
   c.align.update(block=2, encoders=(("fmnist_vit", EncoderConfig().width),), projector_dim=512)
   c.disperse.update(group_size=16)
   select_regularizers(c, args["reg"])
-  c.train.update(batch_size=64, steps=400, lr=2e-4, ema_decay=0.999, log_every=50, checkpoint_every=200)
+  c.train.update(batch_size=64, steps=400, lr=2e-4, ema_decay=0.99, log_every=50, checkpoint_every=200)
   c.evaluate.update(every_steps=200, num_samples=512, batch_size=256, sampler="euler", steps=25)
   c.sample.update(sampler="euler", steps=50, num_samples=1000, batch_size=200, labels="balanced")
   c.precompute.update(source="fashion_mnist", splits=("train", "test"), num_shards=4, encoder_dir="data/encoders",
