@@ -13,11 +13,12 @@ def tiny_run_config(steps):
   return config
 
 
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypatch):
   uninterrupted = jax.device_get(train(tiny_run_config(6), str(tmp_path / "a")))
-  train(tiny_run_config(3), str(tmp_path / "b"))
+  monkeypatch.chdir(tmp_path)  # the resumed run uses a relative --workdir, as `make run` does
+  train(tiny_run_config(3), "b")
   assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["3"]
-  resumed = jax.device_get(train(tiny_run_config(6), str(tmp_path / "b")))
+  resumed = jax.device_get(train(tiny_run_config(6), "b"))
   assert int(resumed["step"]) == 6
   for a, b in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)

@@ -1,13 +1,21 @@
 """Orbax checkpoints of the train state and the data-iterator position: save every N steps, keep the last K."""
+import os
+
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
 
+def checkpoint_dir(workdir: str) -> epath.Path:
+  """<workdir>/checkpoints as an absolute path (Orbax refuses relative ones); gs:// and other URLs as given."""
+  path = epath.Path(workdir) / "checkpoints"
+  return path if "://" in str(workdir) else epath.Path(os.path.abspath(path))
+
+
 def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   """An asynchronous manager over `<workdir>/checkpoints` keeping config.train.keep_checkpoints checkpoints."""
   options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 def save(manager: ocp.CheckpointManager, state: dict, data_state: dict) -> None:
@@ -29,7 +37,7 @@ def restore_latest(manager: ocp.CheckpointManager, target) -> tuple[dict, dict] 
 
 def latest_step(workdir: str) -> int:
   """The newest checkpoint step in `workdir`, or an error saying there is none."""
-  step = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints").latest_step()
+  step = ocp.CheckpointManager(checkpoint_dir(workdir)).latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first, or pass another --workdir")
   return step
@@ -38,7 +46,7 @@ def latest_step(workdir: str) -> int:
 def restore_ema_params(workdir: str, target, step: int | None = None) -> tuple[dict, int]:
   """(EMA parameters, step) of checkpoint `step` (None = newest) in `workdir`, restored into `target` (a tree of
   ShapeDtypeStructs with shardings); nothing else (no optimizer state) is read."""
-  manager = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints")
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir))
   step = latest_step(workdir) if step is None else step
   if step not in manager.all_steps():
     raise FileNotFoundError(f"no checkpoint {step} in {workdir}/checkpoints (it has {manager.all_steps()}): "
