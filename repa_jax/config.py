@@ -17,9 +17,10 @@ def base_config() -> ml_collections.ConfigDict:
                  temperature=0.1)
   # weight 0 switches it off (see `select_regularizers`); blocks () = (depth // 4,); group_size 0 = the whole per-step batch.
   c.disperse = dict(weight=0.5, variant="infonce_l2", temperature=0.5, blocks=(), group_size=16, margin=1.0)
+  # keep_every: also keep every keep_every-th checkpoint for good (0: only the newest keep_checkpoints).
   c.train = dict(batch_size=256, steps=400_000, lr=1e-4, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
                  weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, label_dropout=0.1, log_every=100,
-                 checkpoint_every=10_000, keep_checkpoints=3)
+                 checkpoint_every=10_000, keep_checkpoints=3, keep_every=0)
   c.mesh = dict(axes=("data", "fsdp"), shape=(-1, 1))
   # --mode=sample: sampler euler | heun | sde; labels uniform | balanced; checkpoint_step 0 = the newest.
   c.sample = dict(sampler="sde", steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, num_samples=50_000,

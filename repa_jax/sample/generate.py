@@ -65,7 +65,7 @@ def load_sit_ema(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, st
   abstract = abstract_state(config, make_optimizer(config))["ema_params"]
   replicated = NamedSharding(mesh, P())
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
-  params, step = checkpoint.restore_ema_params(workdir, target, step)
+  params, step = checkpoint.restore_ema_params(workdir, target, config, step)
   return params["sit"], step
 
 

@@ -10,7 +10,7 @@ from tensorboardX import SummaryWriter
 from repa_jax.data.pipeline import FeatureBatches
 from repa_jax.data.synthetic import SyntheticBatches
 from repa_jax.evaluate.evaluate import make_periodic_evaluator
-from repa_jax.train import checkpoint, sharding
+from repa_jax.train import checkpoint, failures, sharding
 from repa_jax.train.state import abstract_state, init_state, make_optimizer
 from repa_jax.train.step import jit_train_step
 
@@ -30,18 +30,23 @@ def format_metrics(step: int, total_steps: int, metrics: dict, images_per_s: flo
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains to config.train.steps, resuming from the newest checkpoint in `workdir`. Returns the final state."""
-  # Mesh, shardings and the state: restored if a checkpoint exists, else created in place.
+  """Trains to config.train.steps, resuming from the newest checkpoint in `workdir`. Returns the final state.
+
+  Stops early, after saving, when preempted (SIGTERM); raises FloatingPointError, without saving, on a non-finite
+  loss term."""
+  # Mesh, shardings and the state: restored if a checkpoint exists (onto this mesh, whatever mesh wrote it), else new.
   mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
   sharding.check_batch_divisible(config.train.batch_size, mesh)
   tx = make_optimizer(config)
   abstract = abstract_state(config, tx)
+  state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract))
+  failures.check_workdir(workdir, needed_bytes=(config.train.keep_checkpoints + 1) * state_bytes)
   state_sharding = sharding.state_sharding(abstract, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   batches = make_batches(config, batch_sharding)
   manager = checkpoint.make_manager(workdir, config)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-  restored = checkpoint.restore_latest(manager, target)
+  restored = checkpoint.restore_latest(manager, target, config)
   if restored is None:
     state = init_state(config, tx, state_sharding)
   else:
@@ -54,35 +59,52 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   evaluator = make_periodic_evaluator(config, mesh) if config.evaluate.every_steps else None
 
-  # The loop: logs every log_every steps (process 0 only), checkpoints every checkpoint_every steps and at the end.
+  # The loop: logs every log_every steps (process 0 only), checkpoints every checkpoint_every steps, at the end and on
+  # preemption. A step's metrics are checked for NaN/Inf once the next step is dispatched (so the host never stalls
+  # the device), and always before its state is saved: a non-finite state is never checkpointed.
   is_lead = jax.process_index() == 0
   writer = SummaryWriter(workdir) if is_lead else None
   step, total = int(state["step"]), config.train.steps
   tick, tick_step = time.perf_counter(), step
-  while step < total:
-    state, metrics = train_step(state, next(batches))
-    step += 1
-    if step % config.train.log_every == 0 or step == total:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      rate = (step - tick_step) * config.train.batch_size / (time.perf_counter() - tick)
-      tick, tick_step = time.perf_counter(), step
-      if is_lead:
-        for name, value in metrics.items():
-          writer.add_scalar(f"train/{name}", value, step)
-        writer.add_scalar("train/images_per_second", rate, step)
-        print(format_metrics(step, total, metrics, rate), flush=True)
-    if evaluator and (step % config.evaluate.every_steps == 0 or step == total):
-      results, grid = evaluator(state["ema_params"]["sit"])
-      if is_lead:
-        for name, value in results.items():
-          writer.add_scalar(f"eval/{name}", value, step)
-        writer.add_image("eval/samples", grid, step, dataformats="HWC")
-        with open(f"{workdir}/eval.jsonl", "a") as file:
-          file.write(json.dumps({"step": step, **results}) + "\n")
-        print(f"eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()), flush=True)
-    if step % config.train.checkpoint_every == 0 or step == total:
-      checkpoint.save(manager, state, batches.get_state())
-  manager.wait_until_finished()
-  if writer:
-    writer.close()
+  unchecked = None
+  with failures.preemption_check() as preempted:
+    try:
+      while step < total:
+        state, metrics = train_step(state, next(batches))
+        step += 1
+        if unchecked:
+          failures.check_finite(*unchecked, manager.latest_step())
+        unchecked = (step, metrics)
+        stop = preempted(step)
+        if step % config.train.log_every == 0 or step == total:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          rate = (step - tick_step) * config.train.batch_size / (time.perf_counter() - tick)
+          tick, tick_step = time.perf_counter(), step
+          if is_lead:
+            for name, value in metrics.items():
+              writer.add_scalar(f"train/{name}", value, step)
+            writer.add_scalar("train/images_per_second", rate, step)
+            print(format_metrics(step, total, metrics, rate), flush=True)
+        if evaluator and (step % config.evaluate.every_steps == 0 or step == total):
+          results, grid = evaluator(state["ema_params"]["sit"])
+          if is_lead:
+            for name, value in results.items():
+              writer.add_scalar(f"eval/{name}", value, step)
+            writer.add_image("eval/samples", grid, step, dataformats="HWC")
+            with open(f"{workdir}/eval.jsonl", "a") as file:
+              file.write(json.dumps({"step": step, **results}) + "\n")
+            print(f"eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()), flush=True)
+        if step % config.train.checkpoint_every == 0 or step == total or stop:
+          failures.check_finite(*unchecked, manager.latest_step())
+          unchecked = None
+          checkpoint.save(manager, state, batches.get_state(), config)
+        if stop:
+          logging.warning("preempted: saved step %d, exiting", step)
+          if is_lead:
+            print(f"preempted at step {step}: checkpoint saved; re-run the same command to resume", flush=True)
+          break
+    finally:
+      manager.wait_until_finished()  # an asynchronous save in flight completes before the process exits
+      if writer:
+        writer.close()
   return state
