@@ -10,7 +10,7 @@ from repa_jax.config import base_config, choose, parse_arg, select_regularizers
 def get_config(arg=None):
   args = parse_arg(arg, {"model": "XL/2", "reg": "repa", "res": "256"})
   c = base_config()
-  c.model.name = args["model"]
+  c.model.update(name=args["model"], dtype="bfloat16")  # bfloat16 matmuls on TPU; parameters stay float32
   grid = choose("res", args["res"], {"256": 32, "512": 64})
   c.data.latent_shape = (grid, grid, 4)
   c.data.directory = f"data/imagenet{args['res']}_sdvae_dinov2b"
