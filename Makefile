@@ -6,10 +6,17 @@ CONFIG ?= configs/fashion_mnist.py:reg=repa
 
 .PHONY: venv fashion-mnist run test clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e ".[test]"
+
+$(VENV)/.installed: setup.py | $(VENV)/bin/python
+	$(VENV)/bin/pip install --quiet -e .
+	touch $@
+
+# The tests also need PyTorch and the reference implementations the DINOv2 / SD-VAE / Inception ports are checked against.
+$(VENV)/.installed-test: setup.py $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet -e ".[test,parity]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -31,7 +38,7 @@ run: venv fashion-mnist
 	$(VENV)/bin/python -m repa_jax.main --mode=sample --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(VENV)/bin/python -m repa_jax.main --mode=evaluate --config=$(CONFIG) --workdir=$(WORKDIR)
 
-test: venv fashion-mnist
+test: $(VENV)/.installed-test fashion-mnist
 	$(VENV)/bin/python -m pytest -q -n 2 tests
 
 clean:
