@@ -51,7 +51,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = init_state(config, tx, state_sharding)
   else:
     state, data_state = restored
-    batches.set_state(data_state)
+    if data_state:  # empty for a converted checkpoint (repa_jax.convert.sit): the data starts from the beginning
+      batches.set_state(data_state)
     logging.info("resumed from step %d", int(state["step"]))
 
   # The jitted step: donated state, explicit shardings in and out.
