@@ -1,6 +1,6 @@
 """Baseline vs REPA vs Dispersive vs both on Fashion-MNIST, at equal steps and otherwise identical settings.
 
-  python benchmarks/fashion_mnist_study.py --workdir=workdir/study [--steps=1500 --eval_every=250]
+  python benchmarks/fashion_mnist_study.py --workdir=workdir/study [--steps=400 --eval_every=100 --eval_samples=512]
 
 Trains configs/fashion_mnist.py:reg=<r> for each regulariser (the feature dataset must exist: `make run` or
 --mode=precompute builds it), evaluates the EMA model's FD every --eval_every steps (in-training evaluation: class-
@@ -20,9 +20,9 @@ from repa_jax.train.loop import train
 
 REGULARIZERS = ("none", "repa", "disperse", "both")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/study", "Where each run and the results go.")
-_STEPS = flags.DEFINE_integer("steps", 1500, "Training steps of every run.")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 250, "Evaluate FD every this many steps.")
-_EVAL_SAMPLES = flags.DEFINE_integer("eval_samples", 1000, "Samples per evaluation.")
+_STEPS = flags.DEFINE_integer("steps", 400, "Training steps of every run.")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 100, "Evaluate FD every this many steps.")
+_EVAL_SAMPLES = flags.DEFINE_integer("eval_samples", 512, "Samples per evaluation.")
 
 
 def read_evals(workdir: epath.Path) -> list[dict]:
