@@ -17,9 +17,11 @@ def get_config(arg=None):
   c.align.update(block=2, encoders=(("fmnist_vit", EncoderConfig().width),), projector_dim=512)
   c.disperse.update(group_size=16)
   select_regularizers(c, args["reg"])
-  c.train.update(batch_size=64, steps=400, lr=2e-4, ema_decay=0.99, log_every=50, checkpoint_every=200)
-  c.evaluate.update(every_steps=200, num_samples=512, batch_size=256, sampler="euler", steps=25)
-  c.sample.update(sampler="euler", steps=50, num_samples=1000, batch_size=200, labels="balanced")
+  # Sized so that `make run` (install, encoder + classifier training, precompute, training, sampling, metrics) takes
+  # under 15 minutes on 2 CPU cores; benchmarks/fashion_mnist_study.py trains longer.
+  c.train.update(batch_size=64, steps=300, lr=2e-4, ema_decay=0.99, log_every=50, checkpoint_every=150)
+  c.evaluate.update(every_steps=150, num_samples=256, batch_size=256, sampler="euler", steps=25)
+  c.sample.update(sampler="euler", steps=25, num_samples=1000, batch_size=200, labels="balanced")
   c.precompute.update(source="fashion_mnist", splits=("train", "test"), num_shards=4, encoder_dir="data/encoders",
-                      encoder_steps=2000)
+                      encoder_steps=1000)
   return c
