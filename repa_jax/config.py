@@ -9,8 +9,9 @@ def base_config() -> ml_collections.ConfigDict:
   # name '<S|B|L|XL>/<1|2|4|8>'; depth/width/num_heads: 0 = from the name.
   c.model = dict(name="XL/2", depth=0, width=0, num_heads=0, dtype="float32")
   # source: 'synthetic' (random data of the configured shapes, for benchmarks and tests) or 'features'.
+  # autoencoder: 'identity' (pixels) or 'sd-vae-ft-mse'; autoencoder_spec: VAESpec fields replacing SD-VAE's (tests).
   c.data = dict(source="synthetic", directory="", split="train", latent_shape=(32, 32, 4), num_classes=1000,
-                autoencoder="sd-vae-ft-mse", latent_scale=0.18215)
+                autoencoder="sd-vae-ft-mse", latent_scale=0.18215, autoencoder_spec={})
   c.flow = dict(path="linear", time_sampler="uniform")
   # weight 0 switches REPA off (see `select_regularizers`); block is 1-indexed (REPA's encoder_depth); encoders: ((name, feature width), ...).
   c.align = dict(weight=0.5, block=8, encoders=(("dinov2_vitb14", 768),), projector_dim=2048, objective="cosine",
@@ -22,16 +23,23 @@ def base_config() -> ml_collections.ConfigDict:
                  weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, label_dropout=0.1, log_every=100,
                  checkpoint_every=10_000, keep_checkpoints=3, keep_every=0)
   c.mesh = dict(axes=("data", "fsdp"), shape=(-1, 1))
-  # --mode=sample: sampler euler | heun | sde; labels uniform | balanced; checkpoint_step 0 = the newest.
+  # --mode=sample: sampler euler | heun | sde; labels uniform | balanced; checkpoint_step 0 = the newest;
+  # decoder_weights: the sd-vae-ft-ema .safetensors that decodes VAE latents (unused for the identity autoencoder).
   c.sample = dict(sampler="sde", steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, num_samples=50_000,
-                  batch_size=256, labels="uniform", seed=0, checkpoint_step=0)
-  # --mode=evaluate and in-training evaluation (every_steps 0 = off), against the real split `split`.
-  c.evaluate = dict(split="test", every_steps=0, num_samples=1000, batch_size=200, sampler="euler", steps=50)
+                  batch_size=256, labels="uniform", seed=0, checkpoint_step=0, decoder_weights="")
+  # --mode=evaluate and in-training evaluation (every_steps 0 = off). feature_network 'fashion_mnist_classifier'
+  # (against the real split `split`) or 'inception' (pytorch-fid's weights file inception_weights, against the ADM
+  # reference batch .npz reference_npz).
+  c.evaluate = dict(split="test", every_steps=0, num_samples=1000, batch_size=200, sampler="euler", steps=50,
+                    feature_network="fashion_mnist_classifier", inception_weights="", reference_npz="")
   # --mode=precompute: images of `source` ('fashion_mnist' | 'image_folder' | 'tfds:<name>') -> config.data.directory.
-  # limit: use only the first `limit` images of each split (0 = all); encoder_*: the project-trained encoders' cache
-  # and training steps (0 = their default).
+  # limit: use only the first `limit` images of each split (0 = all); encoder_dir, encoder_steps: the project-trained
+  # encoders' cache and training steps (0 = their default); autoencoder_weights: the SD-VAE .safetensors;
+  # encoder_weights: {DINOv2 name: .pth / .safetensors}; encoder_specs: {DINOv2 name: DinoV2Spec fields replacing its
+  # preset's} (tests); workers: threads decoding and cropping images ahead of the devices.
   c.precompute = dict(source="fashion_mnist", source_dir="", resolution=0, splits=("train",), limit=0, num_shards=8,
-                      batch_size=256, quantize="float16", encoder_dir="data/encoders", encoder_steps=0)
+                      batch_size=256, workers=16, quantize="float16", encoder_dir="data/encoders", encoder_steps=0,
+                      autoencoder_weights="", encoder_weights={}, encoder_specs={})
   return c
 
 

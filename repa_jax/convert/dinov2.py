@@ -111,12 +111,13 @@ def load(model: DinoV2, params: dict) -> DinoV2:
   return model
 
 
-def load_pretrained(path: str, name: str, **model_kwargs) -> DinoV2:
+def load_pretrained(path: str, name: str, spec: DinoV2Spec | None = None, **model_kwargs) -> DinoV2:
   """A DinoV2 `name` ('dinov2_vitb14', ...) with the weights at `path`: an official `.pth` or a Hugging Face
-  `.safetensors` (told apart by their keys). `model_kwargs` go to `DinoV2` (pos_resample, dtype)."""
+  `.safetensors` (told apart by their keys). `spec` replaces SPECS[name] (e.g. a tiny test model); `model_kwargs` go
+  to `DinoV2` (pos_resample, dtype)."""
   if name not in SPECS:
     raise ValueError(f"unknown DINOv2 model {name!r}: use one of {sorted(SPECS)}")
-  spec = SPECS[name]
+  spec = spec or SPECS[name]
   state = load_state_dict(path)
   convert = from_official if "pos_embed" in state else from_hf
   model = nnx.eval_shape(lambda: DinoV2(spec, nnx.Rngs(0), **model_kwargs))  # no random init: `load` fills it

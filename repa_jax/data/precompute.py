@@ -4,7 +4,9 @@ Every process computes and writes the shards it owns (under `jit`, the batch spl
 keeps finished shards, and process 0 finalizes each split once all processes are done (exactly-once check by id).
 """
 import dataclasses
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +18,11 @@ from tqdm import tqdm
 
 from repa_jax.data import encoder, features, sources
 from repa_jax.data.pipeline import required_spec
+from repa_jax.models import dinov2, pretrained
+from repa_jax.models.pretrained import Network
 
-Encode = Callable[[jax.Array], jax.Array]  # uint8 images [B, H, W, C] -> features [B, tokens, width]
+DINOV2_PREPROCESSING = ("uint8 / 255, ImageNet mean/std, torch bicubic (no antialias) to 224 px per 256 px, patch "
+                        "tokens after the final LayerNorm (REPA's)")
 
 
 def image_source(config: ml_collections.ConfigDict, split: str) -> sources.ImageSource:
@@ -43,45 +48,83 @@ def encoder_config(config: ml_collections.ConfigDict, **overrides) -> encoder.En
   return encoder.EncoderConfig(**steps, **overrides)
 
 
-def load_encoder(name: str, config: ml_collections.ConfigDict) -> tuple[Encode, dict]:
-  """(encode function, info) of a representation encoder named in config.align.encoders."""
+def load_encoder(name: str, config: ml_collections.ConfigDict) -> tuple[Network, dict]:
+  """(Network: uint8 images [B, H, W, C] -> features [B, tokens, width], info) of an encoder in config.align.encoders:
+  'fmnist_vit' (project-trained, cached) or a DINOv2 ('dinov2_vit{s,b,l,g}14' or '..._reg'; weights from
+  config.precompute.encoder_weights[name])."""
   if name == "fmnist_vit":
     encode, info = encoder.load_or_train_encoder(config.precompute.encoder_dir, encoder_config(config), name=name,
                                                  directory=config.precompute.source_dir or
                                                  sources.FASHION_MNIST_DIRECTORY)
-    return (lambda images: encode(images)[0]), info
-  raise ValueError(f"encoder {name!r} in config.align.encoders cannot be precomputed here: available: 'fmnist_vit'")
+    return Network(lambda _, images: encode(images)[0], ()), info
+  if name in dinov2.SPECS:
+    network, spec = pretrained.dinov2_encoder(config, name)
+    return network, {"width": spec.width, "preprocessing": DINOV2_PREPROCESSING}
+  raise ValueError(f"encoder {name!r} in config.align.encoders cannot be precomputed here: available: 'fmnist_vit', "
+                   f"{', '.join(repr(n) for n in dinov2.SPECS)}")
 
 
-def autoencoder_outputs(name: str, images: jax.Array) -> dict:
-  """Stored autoencoder fields of uint8 images [B, H, W, C]: the pixels themselves for 'identity'."""
-  if name == features.IDENTITY_AUTOENCODER:
-    return {"ae_pixels": images}
-  raise ValueError(f"config.data.autoencoder={name!r} cannot be precomputed here: available: 'identity'")
+def load_autoencoder(config: ml_collections.ConfigDict) -> Network:
+  """Network: uint8 images [B, H, W, C] -> the stored autoencoder fields of config.data.autoencoder: the pixels
+  ('ae_pixels') for 'identity', the posterior 'ae_mean' and 'ae_std' [B, H / 8, W / 8, 4] for an SD-VAE (weights from
+  config.precompute.autoencoder_weights)."""
+  if config.data.autoencoder == features.IDENTITY_AUTOENCODER:
+    return Network(lambda _, images: {"ae_pixels": images}, ())
+  if config.data.autoencoder in pretrained.SD_VAES:
+    vae = pretrained.vae_encoder(config)
+    return Network(lambda params, images: dict(zip(("ae_mean", "ae_std"), vae.apply(params, images))), vae.params)
+  raise ValueError(f"config.data.autoencoder={config.data.autoencoder!r} cannot be precomputed here: available: "
+                   f"'identity', {', '.join(repr(n) for n in pretrained.SD_VAES)}")
 
 
-def compute_fn(config: ml_collections.ConfigDict, encoders: dict[str, Encode], mesh: Mesh):
-  """Jitted uint8 images [B, H, W, C] -> stored fields, the batch split over the local devices of `mesh`."""
-  batch_sharding = NamedSharding(mesh, P("devices"))
+def compute_fn(autoencoder: Network, encoders: dict[str, Network], mesh: Mesh):
+  """(jitted `compute(params, uint8 images [B, H, W, C]) -> stored fields`, its params): the batch split over the
+  devices of `mesh`, the weights replicated."""
+  batch_sharding, replicated = NamedSharding(mesh, P("devices")), NamedSharding(mesh, P())
 
-  def compute(images):
-    out = autoencoder_outputs(config.data.autoencoder, images)
-    out.update({f"feat_{name}": encode(images).astype(jnp.float32) for name, encode in encoders.items()})
+  def compute(params, images):
+    autoencoder_params, encoder_params = params
+    out = autoencoder.apply(autoencoder_params, images)
+    out.update({f"feat_{name}": net.apply(encoder_params[name], images).astype(jnp.float32)
+                for name, net in encoders.items()})
     return out
 
-  return jax.jit(compute, in_shardings=batch_sharding, out_shardings=batch_sharding)
+  params = jax.device_put((autoencoder.params, {name: net.params for name, net in encoders.items()}), replicated)
+  return jax.jit(compute, in_shardings=(replicated, batch_sharding), out_shardings=batch_sharding), params
+
+
+def check_output_shapes(config: ml_collections.ConfigDict, spec: features.FeatureSpec, shapes: dict) -> None:
+  """Refuses networks whose outputs (`shapes`: field -> [B, ...]) differ from the FeatureSpec the config needs."""
+  res = f"config.precompute.resolution={config.precompute.resolution}"
+  for name, tokens, _ in spec.encoders:
+    have = shapes[f"feat_{name}"][1]
+    if have != tokens:
+      raise ValueError(f"encoder {name!r} gives {have} tokens at {res}, but the SiT token grid {spec.token_grid} "
+                       f"(config.data.latent_shape, config.model.name's patch) has {tokens}: make them agree")
+  for name, shape in shapes.items():
+    if name.startswith("ae_") and tuple(shape[1:]) != spec.latent_shape:
+      raise ValueError(f"autoencoder {config.data.autoencoder!r} gives {name} {tuple(shape[1:])} at {res}, but "
+                       f"config.data.latent_shape={spec.latent_shape}: set it to {tuple(shape[1:])}")
 
 
 def shard_records(source: sources.ImageSource, ids: range, compute, batch_size: int, num_devices: int,
-                  progress: tqdm) -> Iterator[dict]:
-  """Records of the source ids `ids`, computed batch by batch (the last batch padded to the device count)."""
-  for start in range(ids.start, ids.stop, batch_size):
-    chunk = [source[i] for i in range(start, min(start + batch_size, ids.stop))]
+                  progress: tqdm, pool: ThreadPoolExecutor) -> Iterator[dict]:
+  """Records of the source ids `ids`, computed batch by batch (the last batch padded to the device count). The `pool`
+  threads decode and crop the next batch's images while the devices compute this one."""
+  def load(start):  # submits every image of the batch now; the iterator yields them in order
+    return pool.map(source.__getitem__, range(start, min(start + batch_size, ids.stop)))
+
+  starts = range(ids.start, ids.stop, batch_size)
+  loading = load(starts[0]) if starts else iter(())
+  for k, start in enumerate(starts):
+    chunk = list(loading)
+    if k + 1 < len(starts):
+      loading = load(starts[k + 1])
     images = np.stack([item["image"] for item in chunk])
     padding = [(0, -len(chunk) % num_devices)] + [(0, 0)] * (images.ndim - 1)
     outputs = jax.device_get(compute(np.pad(images, padding, mode="edge")))
-    for k, item in enumerate(chunk):
-      yield {"id": item["id"], "label": item["label"], **{name: value[k] for name, value in outputs.items()}}
+    for i, item in enumerate(chunk):
+      yield {"id": item["id"], "label": item["label"], **{name: value[i] for name, value in outputs.items()}}
     progress.update(len(chunk))
 
 
@@ -95,22 +138,28 @@ def precompute(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"encoder {name!r} is {infos[name]['width']} wide but config.align.encoders says {width}: "
                        f"set it to {infos[name]['width']}")
   required = required_spec(config)
+  crop = [f"ADM centre crop to {p.resolution} px"] if p.resolution else []
   spec = features.FeatureSpec(
       **{**required.to_dict(), "quantize": p.quantize, "source": f"{p.source} {p.source_dir}".strip(),
-         "preprocessing": "; ".join([f"autoencoder {config.data.autoencoder}"] +
+         "preprocessing": "; ".join(crop + [f"autoencoder {config.data.autoencoder}"] +
                                     [f"{n}: {info['preprocessing']}" for n, info in infos.items()])})
   local_devices = jax.local_devices()
-  compute = compute_fn(config, encoders, Mesh(np.asarray(local_devices), ("devices",)))
+  compute, params = compute_fn(load_autoencoder(config), encoders, Mesh(np.asarray(local_devices), ("devices",)))
   for split in p.splits:
     source = image_source(config, split)
+    if None not in source.image_shape:
+      image = jax.ShapeDtypeStruct((len(local_devices), *source.image_shape), jnp.uint8)
+      check_output_shapes(config, spec, {k: v.shape for k, v in jax.eval_shape(compute, params, image).items()})
     pending = features.pending_shards(config.data.directory, split, p.num_shards, jax.process_index(),
                                       jax.process_count())
     total = sum(len(features.shard_range(len(source), s, p.num_shards)) for s in pending)
-    with tqdm(total=total, desc=f"precompute {split}", unit="img", disable=jax.process_index() != 0) as progress:
+    with (tqdm(total=total, desc=f"precompute {split}", unit="img", disable=jax.process_index() != 0) as progress,
+          ThreadPoolExecutor(p.workers) as pool):
       for shard in pending:
         ids = features.shard_range(len(source), shard, p.num_shards)
         features.write_shard(config.data.directory, spec, split, shard, p.num_shards,
-                             shard_records(source, ids, compute, p.batch_size, len(local_devices), progress))
+                             shard_records(source, ids, functools.partial(compute, params), p.batch_size,
+                                           len(local_devices), progress, pool))
     multihost_utils.sync_global_devices(f"precompute {split} written")
     if jax.process_index() == 0:
       features.finalize(config.data.directory, split, len(source))

@@ -1,8 +1,11 @@
-"""--mode=sample: EMA parameters of a checkpoint -> N samples -> an ADM-format .npz and a PNG grid.
+"""--mode=sample: EMA parameters of a checkpoint -> N samples (decoded by the SD-VAE for latent models) -> an
+ADM-format .npz and a PNG grid.
 
 Deterministic for config.sample.seed whatever the device count (chunk i draws its noise from fold_in(key, i), the
 labels are drawn up front), and resumable: finished chunks are kept on disk and skipped by a re-run.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,6 +16,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 from tqdm import tqdm
 
+from repa_jax.data.features import IDENTITY_AUTOENCODER
+from repa_jax.models import pretrained
+from repa_jax.models.pretrained import Network
 from repa_jax.models.repa_sit import compute_dtype, sit_spec
 from repa_jax.models.sit import SiT
 from repa_jax.sample.samplers import Guidance, sample
@@ -37,8 +43,17 @@ def to_uint8(x: jax.Array) -> jax.Array:
   return jnp.clip(jnp.round(255 * (x + 1) / 2), 0, 255).astype(jnp.uint8)
 
 
+def pixel_decoder(config: ml_collections.ConfigDict) -> Network:
+  """Network: SiT-space latents / config.data.latent_scale [B, h, w, c] -> pixels [B, H, W, C] in [-1, 1]: the
+  identity for pixel-space models, else the SD-VAE decoder (config.sample.decoder_weights, sd-vae-ft-ema)."""
+  if config.data.autoencoder == IDENTITY_AUTOENCODER:
+    return Network(lambda _, x: x, ())
+  return pretrained.vae_decoder(config)
+
+
 def make_sampler(config: ml_collections.ConfigDict, mesh: Mesh):
-  """Jitted (params, noise [B, H, W, C], labels [B], key) -> uint8 images [B, H, W, C], the batch over all devices."""
+  """Jitted (params, noise [B, h, w, c], labels [B], key) -> uint8 images [B, H, W, C], the batch over all devices;
+  latents are decoded by `pixel_decoder`, whose weights are bound in (replicated)."""
   s = config.sample
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: SiT(sit_spec(config), nnx.Rngs(0), dtype=compute_dtype(config))))
   guidance = None if s.cfg_scale == 1.0 else Guidance(s.cfg_scale, config.data.num_classes, s.guidance_low,
@@ -46,18 +61,17 @@ def make_sampler(config: ml_collections.ConfigDict, mesh: Mesh):
   if s.batch_size % mesh.size:
     raise ValueError(f"config.sample.batch_size={s.batch_size} (config.evaluate.batch_size in training) is not "
                      f"divisible by the {mesh.size} devices: use a multiple of {mesh.size}")
-  if config.data.autoencoder != "identity":
-    raise ValueError(f"config.data.autoencoder={config.data.autoencoder!r}: decoding it is not available yet; "
-                     "sample from a pixel-space (identity) model")
+  decoder = pixel_decoder(config)
 
-  def generate(params, noise, labels, key):
+  def generate(decoder_params, params, noise, labels, key):
     sit = nnx.merge(graphdef, params)
     velocity = lambda x, t, y: sit(x, t, y)[0]
     x = sample(s.sampler, velocity, noise, labels, key, s.steps, config.flow.path, guidance)
-    return to_uint8(x / config.data.latent_scale)
+    return to_uint8(decoder.apply(decoder_params, x / config.data.latent_scale))
 
-  batch = NamedSharding(mesh, P(mesh.axis_names))
-  return jax.jit(generate, in_shardings=(NamedSharding(mesh, P()), batch, batch, None), out_shardings=batch)
+  batch, replicated = NamedSharding(mesh, P(mesh.axis_names)), NamedSharding(mesh, P())
+  jitted = jax.jit(generate, in_shardings=(replicated, replicated, batch, batch, None), out_shardings=batch)
+  return functools.partial(jitted, jax.device_put(decoder.params, replicated))
 
 
 def load_sit_ema(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, step: int | None = None):
