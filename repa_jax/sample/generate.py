@@ -23,7 +23,7 @@ from repa_jax.models.repa_sit import compute_dtype, sit_spec
 from repa_jax.models.sit import SiT
 from repa_jax.sample.samplers import Guidance, sample
 from repa_jax.train import checkpoint
-from repa_jax.train.state import abstract_state, make_optimizer
+from repa_jax.train.state import abstract_params
 
 LABEL_MODES = ("uniform", "balanced")
 
@@ -76,7 +76,7 @@ def make_sampler(config: ml_collections.ConfigDict, mesh: Mesh):
 
 def load_sit_ema(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, step: int | None = None):
   """(SiT EMA parameters replicated on `mesh`, step) from a checkpoint, reading nothing else."""
-  abstract = abstract_state(config, make_optimizer(config))["ema_params"]
+  abstract = abstract_params(config)
   replicated = NamedSharding(mesh, P())
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
   params, step = checkpoint.restore_ema_params(workdir, target, config, step)

@@ -36,6 +36,11 @@ def model_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
   return graphdef
 
 
+def abstract_params(config: ml_collections.ConfigDict):
+  """ShapeDtypeStructs of the model parameters (also the EMA's), without allocating them or any optimizer state."""
+  return jax.eval_shape(lambda: nnx.split(build_model(config, config.seed))[1])
+
+
 def abstract_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
   """ShapeDtypeStructs of the state, without allocating it."""
   return jax.eval_shape(lambda: _init_state(config, tx))
