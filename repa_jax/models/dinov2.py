@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from repa_jax.models.layers import Attention, linear, normal_002, patchify
-from repa_jax.models.vit import ViTMlp, layer_norm
+from repa_jax.models.layers import linear, normal_002, patchify
+from repa_jax.models.vit import ViTBlock, ViTMlp, layer_norm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -175,24 +175,6 @@ class SwiGLU(nnx.Module):
     return self.w3(nnx.silu(a) * b)
 
 
-class DinoV2Block(nnx.Module):
-  """x + ls1 * attn(norm1(x)); x + ls2 * ffn(norm2(x)). [B, T, D] -> [B, T, D]."""
-
-  def __init__(self, spec: DinoV2Spec, rngs: nnx.Rngs, *, dtype=jnp.float32):
-    d = spec.width
-    self.norm1 = layer_norm(d, spec.eps, rngs)
-    self.attn = Attention(d, spec.num_heads, rngs, dtype=dtype)
-    self.ls1 = nnx.Param(jnp.ones((d,), jnp.float32))
-    self.norm2 = layer_norm(d, spec.eps, rngs)
-    ffn = ViTMlp if spec.ffn == "mlp" else SwiGLU
-    self.mlp = ffn(d, spec.ffn_hidden, rngs, dtype=dtype)
-    self.ls2 = nnx.Param(jnp.ones((d,), jnp.float32))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.attn(self.norm1(x).astype(x.dtype)) * self.ls1[...].astype(x.dtype)
-    return x + self.mlp(self.norm2(x).astype(x.dtype)) * self.ls2[...].astype(x.dtype)
-
-
 class DinoV2(nnx.Module):
   """Normalised images float [B, H, W, 3] (H, W multiples of 14) -> patch tokens after the final LayerNorm,
   [B, (H / 14) * (W / 14), width] float32 (CLS and registers dropped)."""
@@ -209,7 +191,9 @@ class DinoV2(nnx.Module):
     self.pos_embed = nnx.Param(normal_002(rngs.params(), (1, 1 + spec.pos_grid ** 2, d), jnp.float32))
     self.register_tokens = (nnx.Param(normal_002(rngs.params(), (1, spec.num_registers, d), jnp.float32))
                             if spec.num_registers else None)
-    self.blocks = nnx.List([DinoV2Block(spec, rngs, dtype=dtype) for _ in range(spec.depth)])
+    ffn = ViTMlp if spec.ffn == "mlp" else SwiGLU
+    self.blocks = nnx.List([ViTBlock(d, spec.num_heads, spec.eps, 1.0, ffn(d, spec.ffn_hidden, rngs, dtype=dtype), rngs,
+                                     dtype=dtype) for _ in range(spec.depth)])
     self.norm = layer_norm(d, spec.eps, rngs)
 
   def position_embedding(self, grid: tuple[int, int]) -> jax.Array:

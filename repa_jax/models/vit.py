@@ -72,15 +72,16 @@ class ViTMlp(nnx.Module):
 
 
 class ViTBlock(nnx.Module):
-  """x + ls1 * attn(norm1(x)); x + ls2 * mlp(norm2(x)). [B, T, D] -> [B, T, D]."""
+  """x + ls1 * attn(norm1(x)); x + ls2 * mlp(norm2(x)). [B, T, D] -> [B, T, D]. ls: LayerScale starting at `scale`
+  (none when None); `mlp`: the feed-forward module (a GELU MLP; SwiGLU in DINOv2-g)."""
 
-  def __init__(self, spec: ViTSpec, rngs: nnx.Rngs, *, dtype=jnp.float32):
-    d = spec.width
-    self.norm1 = layer_norm(d, spec.eps, rngs)
-    self.attn = Attention(d, spec.num_heads, rngs, dtype=dtype)
-    self.norm2 = layer_norm(d, spec.eps, rngs)
-    self.mlp = ViTMlp(d, int(d * spec.mlp_ratio), rngs, dtype=dtype)
-    scale = spec.layer_scale
+  def __init__(self, width: int, num_heads: int, eps: float, scale: float | None, mlp: nnx.Module, rngs: nnx.Rngs, *,
+               dtype=jnp.float32):
+    d = width
+    self.norm1 = layer_norm(d, eps, rngs)
+    self.attn = Attention(d, num_heads, rngs, dtype=dtype)
+    self.norm2 = layer_norm(d, eps, rngs)
+    self.mlp = mlp
     self.ls1 = nnx.Param(jnp.full((d,), scale, jnp.float32)) if scale is not None else None
     self.ls2 = nnx.Param(jnp.full((d,), scale, jnp.float32)) if scale is not None else None
 
@@ -103,7 +104,9 @@ class ViT(nnx.Module):
     self.cls_token = nnx.Param(normal_002(rngs.params(), (1, 1, d), jnp.float32))
     self.pos_embed = (nnx.Param(normal_002(rngs.params(), (1, 1 + spec.num_tokens, d), jnp.float32))
                       if spec.pos_embed == "learned" else None)
-    self.blocks = nnx.List([ViTBlock(spec, rngs, dtype=dtype) for _ in range(spec.depth)])
+    self.blocks = nnx.List([
+        ViTBlock(d, spec.num_heads, spec.eps, spec.layer_scale, ViTMlp(d, int(d * spec.mlp_ratio), rngs, dtype=dtype),
+                 rngs, dtype=dtype) for _ in range(spec.depth)])
     self.norm = layer_norm(d, spec.eps, rngs)
     self.head = linear(d, spec.num_classes, rngs, dtype=jnp.float32, init=zeros)
 
