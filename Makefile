@@ -4,7 +4,7 @@ VENV ?= .venv
 WORKDIR ?= workdir/fashion_mnist_repa
 CONFIG ?= configs/fashion_mnist.py:reg=repa
 
-.PHONY: venv fashion-mnist run test clean
+.PHONY: venv fashion-mnist run test tensorboard clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ run: venv fashion-mnist
 	$(VENV)/bin/python -m repa_jax.main --mode=train --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(VENV)/bin/python -m repa_jax.main --mode=sample --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(VENV)/bin/python -m repa_jax.main --mode=evaluate --config=$(CONFIG) --workdir=$(WORKDIR)
+
+# The training curves, losses and in-training sample grids of the main job (any workdir: make tensorboard WORKDIR=...).
+tensorboard: venv
+	$(VENV)/bin/tensorboard --logdir $(WORKDIR)
 
 test: $(VENV)/.installed-test fashion-mnist
 	$(VENV)/bin/python -m pytest -q -n 2 tests

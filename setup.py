@@ -12,6 +12,7 @@ CORE = [
     "grain==0.2.18",
     "array-record==0.8.6",
     "tensorboardX==2.6.5",
+    "tensorboard==2.21.0",  # the viewer of the event files tensorboardX writes (`make tensorboard`)
     "pillow",
     "absl-py",
 ]

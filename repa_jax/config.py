@@ -19,19 +19,22 @@ def base_config() -> ml_collections.ConfigDict:
   # weight 0 switches it off (see `select_regularizers`); blocks () = (depth // 4,); group_size 0 = the whole per-step batch.
   c.disperse = dict(weight=0.5, variant="infonce_l2", temperature=0.5, blocks=(), group_size=16, margin=1.0)
   # keep_every: also keep every keep_every-th checkpoint for good (0: only the newest keep_checkpoints).
+  # ema_warmup: decay min(ema_decay, (1 + step) / (10 + step)) instead of a constant ema_decay (REPA: constant).
   c.train = dict(batch_size=256, steps=400_000, lr=1e-4, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
-                 weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, label_dropout=0.1, log_every=100,
+                 weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, ema_warmup=False, label_dropout=0.1, log_every=100,
                  checkpoint_every=10_000, keep_checkpoints=3, keep_every=0)
   c.mesh = dict(axes=("data", "fsdp"), shape=(-1, 1))
   # --mode=sample: sampler euler | heun | sde; labels uniform | balanced; checkpoint_step 0 = the newest;
   # decoder_weights: the sd-vae-ft-ema .safetensors that decodes VAE latents (unused for the identity autoencoder).
   c.sample = dict(sampler="sde", steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, num_samples=50_000,
                   batch_size=256, labels="uniform", seed=0, checkpoint_step=0, decoder_weights="")
-  # --mode=evaluate and in-training evaluation (every_steps 0 = off). feature_network 'fashion_mnist_classifier'
-  # (against the real split `split`) or 'inception' (pytorch-fid's weights file inception_weights, against the ADM
-  # reference batch .npz reference_npz).
+  # --mode=evaluate and in-training evaluation (every_steps 0 = off; its sampler: sampler, steps, cfg_scale,
+  # guidance_low/high). feature_network 'fashion_mnist_classifier' (a CNN trained for classifier_steps, against the
+  # real split `split`) or 'inception' (pytorch-fid's weights file inception_weights, against the ADM reference batch
+  # .npz reference_npz). floor_split: the real images of config.precompute.source whose metrics are the floor.
   c.evaluate = dict(split="test", every_steps=0, num_samples=1000, batch_size=200, sampler="euler", steps=50,
-                    feature_network="fashion_mnist_classifier", inception_weights="", reference_npz="")
+                    cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, feature_network="fashion_mnist_classifier",
+                    classifier_steps=1875, floor_split="train", inception_weights="", reference_npz="")
   # --mode=precompute: images of `source` ('fashion_mnist' | 'image_folder' | 'tfds:<name>') -> config.data.directory.
   # limit: use only the first `limit` images of each split (0 = all); encoder_dir, encoder_steps: the project-trained
   # encoders' cache and training steps (0 = their default); autoencoder_weights: the SD-VAE .safetensors;

@@ -2,7 +2,10 @@
 
 Multi-host: add --distributed on a Cloud TPU pod slice (every worker runs the same command), or --coordinator_address,
 --num_processes and --process_id elsewhere (e.g. 2 processes on one machine)."""
+import contextlib
 import json
+import os
+import time
 
 import jax
 from absl import app, flags, logging
@@ -10,7 +13,7 @@ from ml_collections import config_flags
 
 from repa_jax.data.precompute import precompute
 from repa_jax.evaluate.evaluate import evaluate_npz
-from repa_jax.sample.generate import generate, output_dir
+from repa_jax.sample.generate import GRID_FILE, generate, output_dir
 from repa_jax.train.loop import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/tiny.py:reg=both.")
@@ -42,18 +45,53 @@ def initialize_distributed() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+def log_to_workdir(workdir: str) -> None:
+  """absl/Orbax/JAX log lines go to <workdir>/logs/repa_jax.*; the console shows warnings and the progress lines."""
+  log_dir = os.path.join(workdir, "logs")
+  os.makedirs(log_dir, exist_ok=True)
+  logging.get_absl_handler().use_absl_log_file("repa_jax", log_dir)
+  flags.FLAGS.stderrthreshold = "warning"
+
+
+@contextlib.contextmanager
+def stage(name: str):
+  """Prints the stage's start and end with the machine's 1-minute load average (timings are only comparable on a
+  quiet machine) and its wall time."""
+  start = time.time()
+  if jax.process_index() == 0:
+    print(f"== {name}: start (1-min load average {os.getloadavg()[0]:.2f})", flush=True)
+  yield
+  if jax.process_index() == 0:
+    print(f"== {name}: done in {time.time() - start:.0f} s (1-min load average {os.getloadavg()[0]:.2f})", flush=True)
+
+
+def summary_line(metrics: dict, samples: str) -> str:
+  """One line naming the grid and the metrics file with FD and class accuracy beside their real-data floor."""
+  floor = metrics["floor"]
+  numbers = f"FD {metrics['fid']:.2f} (real-data floor {floor['fid']:.2f}, ratio {metrics['fid'] / floor['fid']:.2f})"
+  if "class_accuracy" in metrics:
+    numbers += f", class accuracy {metrics['class_accuracy']:.3f} (real test images {floor['class_accuracy']:.3f})"
+  grid = os.path.join(os.path.dirname(samples), GRID_FILE)
+  return f"grid {grid} | metrics {samples}.metrics.json | {numbers}"
+
+
 def main(argv):
   del argv
+  log_to_workdir(_WORKDIR.value)
   initialize_distributed()
-  if _MODE.value == "precompute":
-    precompute(_CONFIG.value)
-  elif _MODE.value == "train":
-    train(_CONFIG.value, _WORKDIR.value)
-  elif _MODE.value == "sample":
-    print(generate(_CONFIG.value, _WORKDIR.value))
-  elif _MODE.value == "evaluate":
-    samples = _SAMPLES.value or str(output_dir(_CONFIG.value, _WORKDIR.value) / "samples.npz")
-    print(json.dumps(evaluate_npz(_CONFIG.value, samples), indent=2))
+  with stage(_MODE.value):
+    if _MODE.value == "precompute":
+      precompute(_CONFIG.value)
+    elif _MODE.value == "train":
+      train(_CONFIG.value, _WORKDIR.value)
+    elif _MODE.value == "sample":
+      print(generate(_CONFIG.value, _WORKDIR.value))
+    elif _MODE.value == "evaluate":
+      samples = _SAMPLES.value or str(output_dir(_CONFIG.value, _WORKDIR.value) / "samples.npz")
+      metrics = evaluate_npz(_CONFIG.value, samples)
+      print(json.dumps(metrics, indent=2))
+  if _MODE.value == "evaluate":
+    print(summary_line(metrics, samples), flush=True)
 
 
 if __name__ == "__main__":

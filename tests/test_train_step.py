@@ -61,6 +61,21 @@ def test_ema_starts_as_copy_and_first_update_mixes_with_decay():
                          initial["params"]["sit"]["final_linear"]["kernel"])
 
 
+def test_ema_warmup_decay_follows_its_formula_step_by_step():
+  config = tiny.get_config("reg=none")
+  config.train.update(ema_decay=0.5, ema_warmup=True)
+  step, state, batches = setup(config, (1, 1))
+  ema = jax.device_get(state["ema_params"])
+  for i in range(3):  # NumPy reference: decay_i = min(0.5, (1 + i) / (10 + i)) -> 0.1, 0.1818..., 0.25
+    state, _ = step(state, next(batches))
+    params = jax.device_get(state["params"])
+    decay = min(0.5, (1 + i) / (10 + i))
+    ema = jax.tree.map(lambda e, p: decay * np.asarray(e, np.float64) + (1 - decay) * np.asarray(p, np.float64), ema,
+                       params)
+    chex.assert_trees_all_close(jax.device_get(state["ema_params"]), ema, rtol=1e-5, atol=1e-7)
+  assert min(0.5, (1 + 100) / (10 + 100)) == 0.5  # the cap takes over once (1 + i) / (10 + i) exceeds the decay
+
+
 def test_label_dropout_rate_and_null_class():
   labels = jnp.zeros((200_000,), jnp.int32)
   dropped = drop_labels(jax.random.key(0), labels, 0.1, num_classes=10)

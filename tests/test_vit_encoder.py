@@ -89,7 +89,7 @@ def test_training_reduces_the_loss_and_beats_chance():
   initial = nnx.state(ViT(spec, nnx.Rngs(TINY.seed)), nnx.Param)
 
   def loss_and_accuracy(params):
-    logits = jnp.asarray(encoder.make_encode_fn(spec, params)(images)[1])
+    logits = jnp.asarray(encoder.make_encode_fn(spec, params)(images)["logits"])
     loss = -jax.nn.log_softmax(logits)[jnp.arange(len(labels)), labels].mean()
     return loss, (logits.argmax(-1) == labels).mean()
 
@@ -104,9 +104,11 @@ def test_cache_round_trip_loads_without_training(tmp_path, monkeypatch):
   encode, info = encoder.load_or_train_encoder(tmp_path, TINY, log_every=0)
   assert info["tokens"] == 49 and info["token_grid"] == [7, 7] and info["width"] == 32
   assert 0 <= info["test_accuracy"] <= 1 and "255" in info["preprocessing"]
-  features, logits = encode(images[:5])
+  out = encode(images[:5])
+  features = out["patch_tokens"]
   chex.assert_shape(features, (5, 49, 32))
-  chex.assert_shape(logits, (5, 10))
+  chex.assert_shape(out["logits"], (5, 10))
+  chex.assert_shape(out["pooled"], (5, 32))
   assert features.dtype == jnp.float32
 
   def no_training(*args, **kwargs):
@@ -114,7 +116,7 @@ def test_cache_round_trip_loads_without_training(tmp_path, monkeypatch):
   monkeypatch.setattr(encoder, "train_encoder", no_training)
   encode_again, info_again = encoder.load_or_train_encoder(tmp_path, TINY)
   assert info_again == info
-  np.testing.assert_array_equal(encode_again(images[:5])[0], features)
+  np.testing.assert_array_equal(encode_again(images[:5])["patch_tokens"], features)
   with pytest.raises(ValueError, match="delete"):
     encoder.load_or_train_encoder(tmp_path, dataclasses.replace(TINY, width=64))
   with pytest.raises(ValueError, match="uint8"):

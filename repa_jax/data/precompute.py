@@ -56,7 +56,7 @@ def load_encoder(name: str, config: ml_collections.ConfigDict) -> tuple[Network,
     encode, info = encoder.load_or_train_encoder(config.precompute.encoder_dir, encoder_config(config), name=name,
                                                  directory=config.precompute.source_dir or
                                                  sources.FASHION_MNIST_DIRECTORY)
-    return Network(lambda _, images: encode(images)[0], ()), info
+    return Network(lambda _, images: encode(images)["patch_tokens"], ()), info
   if name in dinov2.SPECS:
     network, spec = pretrained.dinov2_encoder(config, name)
     return network, {"width": spec.width, "preprocessing": DINOV2_PREPROCESSING}

@@ -16,7 +16,9 @@ import tensorflow_datasets as tfds
 
 FASHION_MNIST_DIRECTORY = "/usr/share/datasets/fashion-mnist"
 _FASHION_MNIST_FILE_PREFIX = {"train": "train", "test": "t10k"}
-_FASHION_MNIST_CLASSES = 10
+FASHION_MNIST_CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                             "Ankle boot")
+_FASHION_MNIST_CLASSES = len(FASHION_MNIST_CLASS_NAMES)
 # IDX magic number of unsigned-byte data: 0x08 type code, then the number of dimensions.
 _IDX_UBYTE_MAGIC = 0x800
 IMAGE_FILE_SUFFIXES = (".jpeg", ".jpg", ".png")

@@ -2,10 +2,10 @@
 for the classifier the class accuracy of class-conditional samples (does a sample of class y look like y?).
 
 config.evaluate.feature_network:
-- 'fashion_mnist_classifier': a ViT classifier trained by the project with its own seed and cache, separate from the
-  REPA encoder, so alignment cannot game the metric; reference: the real split config.evaluate.split. Outputs:
-  pool = the mean final-norm patch token [N, width] (FID, precision/recall), spatial = the first 8 channels of every
-  patch token flattened [N, 49 * 8] (sFID), logits [N, 10] (IS, class accuracy).
+- 'fashion_mnist_classifier': a small CNN (`models/cnn.py`) trained by the project with its own seed and cache, another
+  architecture than the REPA target ViT, so alignment cannot game the metric; reference: the real split
+  config.evaluate.split. Outputs: pool = the penultimate layer [N, 128] (FID, precision/recall), spatial = the first 8
+  channels of the last 7x7 feature map flattened [N, 49 * 8] (sFID), logits [N, 10] (IS, class accuracy).
 - 'inception': the FID Inception-v3 (pytorch-fid's weights, config.evaluate.inception_weights): pool [N, 2048],
   spatial [N, 2023], logits [N, 1008] (IS in splits of 5000 samples, as the ADM evaluator); reference: an ADM reference
   batch (config.evaluate.reference_npz, e.g. VIRTUAL_imagenet256_labeled.npz): its images `arr_0` (precision/recall,
@@ -26,10 +26,18 @@ from repa_jax.evaluate import metrics
 from repa_jax.models import pretrained
 
 CLASSIFIER_SEED = 1  # another initialisation and data order than the REPA encoder's (seed 0)
+FLOOR_SEED = 2  # which real images of config.evaluate.floor_split make the floor
 SPATIAL_CHANNELS = 8
 CLASSIFIER, INCEPTION = "fashion_mnist_classifier", "inception"
 ADM_STATISTICS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # names in an ADM reference batch
 ADM_IS_SPLIT_SIZE = 5000
+
+
+def classifier_config(config: ml_collections.ConfigDict) -> encoder.EncoderConfig:
+  """The evaluation CNN and its training run: config.evaluate.classifier_steps of batch 128 (1875 = 4 epochs reach
+  >= 91% on the test split, see docs/fashion_mnist_recipe.md)."""
+  return encoder.EncoderConfig(arch="cnn", stage_channels=(16, 32, 64), steps=config.evaluate.classifier_steps,
+                               batch=128, lr=3e-3, seed=CLASSIFIER_SEED)
 
 
 def feature_network(config: ml_collections.ConfigDict):
@@ -46,13 +54,13 @@ def feature_network(config: ml_collections.ConfigDict):
     raise ValueError(f"config.evaluate.feature_network={CLASSIFIER!r} needs config.precompute.source='fashion_mnist' "
                      f"(got {config.precompute.source!r}): set config.evaluate.feature_network={INCEPTION!r}")
   encode, info = encoder.load_or_train_encoder(
-      config.precompute.encoder_dir, encoder_config(config, seed=CLASSIFIER_SEED), name="fashion_mnist_classifier",
+      config.precompute.encoder_dir, classifier_config(config), name="fashion_mnist_cnn",
       directory=config.precompute.source_dir or FASHION_MNIST_DIRECTORY)
 
   def features(images):
-    tokens, logits = encode(images)
-    return {"pool": tokens.mean(axis=1), "spatial": tokens[..., :SPATIAL_CHANNELS].reshape(len(images), -1),
-            "logits": logits}
+    out = encode(images)
+    return {"pool": out["pooled"], "spatial": out["patch_tokens"][..., :SPATIAL_CHANNELS].reshape(len(images), -1),
+            "logits": out["logits"]}
 
   return features, {"reference_split": config.evaluate.split, "feature_network": info["name"],
                     "feature_network_test_accuracy": info["test_accuracy"]}
@@ -147,14 +155,42 @@ def metric_options(config: ml_collections.ConfigDict, labels: np.ndarray | None)
   return {"labels": labels}
 
 
+def real_images(config: ml_collections.ConfigDict, num: int) -> np.ndarray:
+  """uint8 [num, H, W, C]: `num` real images of config.evaluate.floor_split, drawn without replacement (FLOOR_SEED)."""
+  split = config.evaluate.floor_split
+  if split == config.evaluate.split:
+    raise ValueError(f"config.evaluate.floor_split={split!r} is the reference split config.evaluate.split: use "
+                     "another split (e.g. 'train'), so that the floor's images are held out from the reference")
+  source = image_source(config, split)
+  if num > len(source):
+    raise ValueError(f"the floor needs {num} real images but split {split!r} (config.evaluate.floor_split) has "
+                     f"{len(source)}: evaluate fewer samples")
+  ids = np.random.default_rng(FLOOR_SEED).permutation(len(source))[:num]
+  return np.stack([source[int(i)]["image"] for i in ids])
+
+
+def real_floor(config: ml_collections.ConfigDict, features, real: dict, info: dict, num: int, *,
+               with_knn: bool = True) -> dict:
+  """The metrics of `num` real images of config.evaluate.floor_split against the same reference `real`: what a
+  perfect generator scores with `num` samples. Its class accuracy is the feature network's on the real test split."""
+  floor = sample_metrics(real, network_outputs(features, real_images(config, num)), None, with_knn=with_knn,
+                         **({"is_split_size": ADM_IS_SPLIT_SIZE} if config.evaluate.feature_network == INCEPTION
+                            else {}))
+  if "feature_network_test_accuracy" in info:
+    floor["class_accuracy"] = info["feature_network_test_accuracy"]
+  return floor
+
+
 def evaluate_npz(config: ml_collections.ConfigDict, npz_path: str) -> dict:
   """Metrics of an ADM-format .npz (arr_0 uint8 NHWC, arr_1 labels) against config.evaluate.feature_network's
-  reference; writes JSON beside it (<npz>.metrics.json) and returns the metrics."""
+  reference, with their real-data floor (`floor`, see `real_floor`); writes JSON beside it (<npz>.metrics.json) and
+  returns the metrics."""
   features, info = feature_network(config)
   with epath.Path(npz_path).open("rb") as file, np.load(file) as stored:
     images, labels = stored["arr_0"], stored["arr_1"] if "arr_1" in stored else None
-  result = sample_metrics(reference(config, features), network_outputs(features, images),
-                          **metric_options(config, labels))
+  real = reference(config, features)
+  result = sample_metrics(real, network_outputs(features, images), **metric_options(config, labels))
+  result["floor"] = real_floor(config, features, real, info, len(images))
   result.update(info)
   epath.Path(f"{npz_path}.metrics.json").write_text(json.dumps(result, indent=2))
   return result
@@ -162,20 +198,24 @@ def evaluate_npz(config: ml_collections.ConfigDict, npz_path: str) -> dict:
 
 def make_periodic_evaluator(config: ml_collections.ConfigDict, mesh):
   """In-training evaluation: `evaluate(sit_params) -> (metrics, uint8 grid)` on config.evaluate.num_samples
-  class-balanced samples (config.evaluate.sampler / steps) against the feature network's reference; no k-NN metrics."""
-  from repa_jax.sample.generate import generate_images, image_grid, make_sampler
-  features, _ = feature_network(config)
+  class-balanced samples (config.evaluate.sampler / steps / cfg_scale / guidance interval) against the feature
+  network's reference, with the floor's FD and class accuracy (floor_fid, floor_class_accuracy); no k-NN metrics."""
+  from repa_jax.sample.generate import class_grid, class_names, generate_images, make_sampler
+  features, info = feature_network(config)
   real = reference(config, features)
   e = config.evaluate
+  floor = real_floor(config, features, real, info, e.num_samples, with_knn=False)
+  floor = {f"floor_{name}": floor[name] for name in ("fid", "class_accuracy") if name in floor}
   sample_config = config.copy_and_resolve_references()
   sample_config.sample.update(sampler=e.sampler, steps=e.steps, num_samples=e.num_samples, labels="balanced",
-                              cfg_scale=1.0, batch_size=e.batch_size)
+                              cfg_scale=e.cfg_scale, guidance_low=e.guidance_low, guidance_high=e.guidance_high,
+                              batch_size=e.batch_size)
   sampler = make_sampler(sample_config, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def evaluate(sit_params) -> tuple[dict, np.ndarray]:
     images, labels = generate_images(sample_config, jax.device_put(sit_params, replicated), e.num_samples, sampler)
-    return sample_metrics(real, network_outputs(features, images), with_knn=False,
-                          **metric_options(config, labels)), image_grid(images[:100], 10)
+    results = sample_metrics(real, network_outputs(features, images), with_knn=False, **metric_options(config, labels))
+    return {**results, **floor}, class_grid(images, labels, class_names=class_names(config))
 
   return evaluate

@@ -94,7 +94,8 @@ class ViTBlock(nnx.Module):
 
 class ViT(nnx.Module):
   """images float [B, H, W, C] -> {'patch_tokens': [B, N, width] float32 after the final LayerNorm (CLS dropped),
-  'logits': [B, num_classes] float32 from a linear head on the normed CLS (or mean patch) token}."""
+  'pooled': [B, width] the normed CLS (or mean patch) token, 'logits': [B, num_classes] float32 from a linear head on
+  it}."""
 
   def __init__(self, spec: ViTSpec, rngs: nnx.Rngs, *, dtype=jnp.float32):
     self.spec = spec
@@ -131,4 +132,4 @@ class ViT(nnx.Module):
     x = self.norm(x).astype(jnp.float32)
     cls, patch_tokens = x[:, 0], x[:, 1:]
     pooled = cls if self.spec.pool == "cls" else patch_tokens.mean(1)
-    return {"patch_tokens": patch_tokens, "logits": self.head(pooled)}
+    return {"patch_tokens": patch_tokens, "pooled": pooled, "logits": self.head(pooled)}

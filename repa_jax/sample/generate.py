@@ -13,10 +13,11 @@ import numpy as np
 from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from repa_jax.data.features import IDENTITY_AUTOENCODER
+from repa_jax.data.sources import FASHION_MNIST_CLASS_NAMES
 from repa_jax.models import pretrained
 from repa_jax.models.pretrained import Network
 from repa_jax.models.repa_sit import compute_dtype, sit_spec
@@ -26,6 +27,7 @@ from repa_jax.train import checkpoint
 from repa_jax.train.state import abstract_params
 
 LABEL_MODES = ("uniform", "balanced")
+GRID_FILE = "grid.png"
 
 
 def sample_labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray:
@@ -114,19 +116,49 @@ def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
   return padded.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, c)
 
 
+def class_grid(images: np.ndarray, labels: np.ndarray, rows: int = 10, columns: int = 10, zoom: int = 2,
+               class_names: tuple[str, ...] | None = None) -> np.ndarray:
+  """uint8 [N, H, W, C] samples with labels [N] -> one uint8 RGB grid: a row per class (the `rows` smallest labels
+  present), its first `columns` samples, each pixel repeated `zoom` times, the class name (or number) on the left."""
+  classes = np.unique(labels)[:rows]
+  n, h, w, c = images.shape
+  cells = [[images[i] for i in np.flatnonzero(labels == k)[:columns]] for k in classes]
+  blank = np.zeros((h, w, c), np.uint8)
+  grid = image_grid(np.stack([cell for row in cells for cell in row + [blank] * (columns - len(row))]), columns)
+  grid = np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
+  grid = np.repeat(grid, 3, axis=-1) if c == 1 else grid
+  margin = 90
+  canvas = Image.new("RGB", (margin + grid.shape[1], grid.shape[0]), "white")
+  canvas.paste(Image.fromarray(grid), (margin, 0))
+  draw = ImageDraw.Draw(canvas)
+  for row, k in enumerate(classes):
+    name = class_names[k] if class_names is not None and k < len(class_names) else f"class {k}"
+    draw.text((4, row * h * zoom + h * zoom // 2 - 6), name, fill="black")
+  return np.asarray(canvas)
+
+
+def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
+  """The class names of config.precompute.source, when known (Fashion-MNIST)."""
+  return FASHION_MNIST_CLASS_NAMES if config.precompute.source == "fashion_mnist" else None
+
+
 def save_png(path: epath.Path, grid: np.ndarray) -> None:
   Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
 
 
 def output_dir(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> epath.Path:
-  """<workdir>/samples/<step>_<sampler><steps>_cfg<scale>_seed<seed>; step None = the newest checkpoint's."""
+  """<workdir>/samples/<step>_<sampler><steps>_cfg<scale>[_t<low>-<high>]_seed<seed> (the guidance interval named when
+  guidance is on and the interval is not [0, 1]); step None = the newest checkpoint's."""
   s = config.sample
   step = step or s.checkpoint_step or checkpoint.latest_step(workdir)
-  return epath.Path(workdir) / "samples" / f"{step}_{s.sampler}{s.steps}_cfg{s.cfg_scale}_seed{s.seed}"
+  interval = (f"_t{s.guidance_low}-{s.guidance_high}"
+              if s.cfg_scale != 1.0 and (s.guidance_low, s.guidance_high) != (0.0, 1.0) else "")
+  return epath.Path(workdir) / "samples" / f"{step}_{s.sampler}{s.steps}_cfg{s.cfg_scale}{interval}_seed{s.seed}"
 
 
 def generate(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
-  """Writes <workdir>/samples/<step>/samples.npz (ADM format: uint8 NHWC arr_0, labels arr_1) and grid.png."""
+  """Writes <workdir>/samples/<step>/samples.npz (ADM format: uint8 NHWC arr_0, labels arr_1) and grid.png (a row of
+  samples per class)."""
   s = config.sample
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   params, step = load_sit_ema(config, workdir, mesh, s.checkpoint_step or None)
@@ -136,5 +168,5 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
                                    show_progress=jax.process_index() == 0)
   if jax.process_index() == 0:
     np.savez(out_dir / "samples.npz", arr_0=images, arr_1=labels)
-    save_png(out_dir / "grid.png", image_grid(images[:100], 10))
+    save_png(out_dir / GRID_FILE, class_grid(images, labels, class_names=class_names(config)))
   return out_dir / "samples.npz"

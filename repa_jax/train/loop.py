@@ -24,9 +24,13 @@ def make_batches(config: ml_collections.ConfigDict, batch_sharding):
   raise ValueError(f"config.data.source={config.data.source!r}: use 'features' or 'synthetic'")
 
 
-def format_metrics(step: int, total_steps: int, metrics: dict, images_per_s: float) -> str:
+def format_metrics(step: int, total_steps: int, metrics: dict, images_per_s: float, elapsed_s: float,
+                   steps_done: int) -> str:
+  """The progress line: step, loss terms, learning rate, throughput, elapsed time and the ETA at this run's pace."""
   terms = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "lr")
-  return f"step {step}/{total_steps} | {terms} | lr {metrics['lr']:.2e} | {images_per_s:.1f} img/s"
+  eta = elapsed_s / max(steps_done, 1) * (total_steps - step)
+  return (f"step {step}/{total_steps} | {terms} | lr {metrics['lr']:.2e} | {images_per_s:.1f} img/s | "
+          f"elapsed {elapsed_s:.0f} s, ETA {eta:.0f} s")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -67,6 +71,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = SummaryWriter(workdir) if is_lead else None
   step, total = int(state["step"]), config.train.steps
   tick, tick_step = time.perf_counter(), step
+  start, start_step = tick, step
   unchecked = None
   with failures.preemption_check() as preempted:
     try:
@@ -85,7 +90,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             for name, value in metrics.items():
               writer.add_scalar(f"train/{name}", value, step)
             writer.add_scalar("train/images_per_second", rate, step)
-            print(format_metrics(step, total, metrics, rate), flush=True)
+            print(format_metrics(step, total, metrics, rate, time.perf_counter() - start, step - start_step),
+                  flush=True)
         if evaluator and (step % config.evaluate.every_steps == 0 or step == total):
           results, grid = evaluator(state["ema_params"]["sit"])
           if is_lead:

@@ -16,6 +16,15 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return lambda step: lr * jnp.minimum(1.0, (step + 1) / warmup)
 
 
+def ema_decay_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """The EMA decay used by update `step` (0-indexed): config.train.ema_decay, or with config.train.ema_warmup
+  min(ema_decay, (1 + step) / (10 + step)), so the average of a short run is not dominated by its first weights."""
+  decay = config.train.ema_decay
+  if not config.train.ema_warmup:
+    return optax.constant_schedule(decay)
+  return lambda step: jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Grad-norm clipping then AdamW (REPA defaults: lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay)."""
   t = config.train

@@ -10,7 +10,7 @@ from repa_jax.objectives.dispersive import dispersive_loss
 from repa_jax.objectives.flow import flow_loss, interpolate, sample_time
 from repa_jax.models.repa_sit import sit_spec
 from repa_jax.train import sharding
-from repa_jax.train.state import learning_rate_schedule, make_optimizer, model_graphdef
+from repa_jax.train.state import ema_decay_schedule, learning_rate_schedule, make_optimizer, model_graphdef
 
 
 def dispersive_blocks(config: ml_collections.ConfigDict, depth: int) -> tuple[int, ...]:
@@ -53,6 +53,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
   """
   tx = make_optimizer(config)
   schedule = learning_rate_schedule(config)
+  ema_decay = ema_decay_schedule(config)
   spec = sit_spec(config)
   align, disperse = config.align, config.disperse
   encoders = dict(align.encoders) if align.weight else {}
@@ -91,7 +92,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    decay = config.train.ema_decay
+    decay = ema_decay(state["step"])
     ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema_params"], params)
     metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema_params": ema_params}, metrics
