@@ -1,7 +1,7 @@
 """repa_jax: SiT flow-matching transformers with REPA and Dispersive Loss, in JAX/Flax for Cloud TPU."""
 import setuptools
 
-# Versions pinned to the stack REFERENCE.md section 4 was checked against.
+# Versions pinned to the stack the code was checked against (JAX 0.10 needs Python 3.11).
 CORE = [
     "flax==0.12.8",
     "optax==0.2.8",
@@ -22,7 +22,7 @@ setuptools.setup(
     version="0.1.0",
     description=__doc__,
     packages=setuptools.find_packages(include=["repa_jax", "repa_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=CORE + ["jax[cpu]==0.10.2"],
     extras_require={
         "tpu": ["jax[tpu]==0.10.2"],

@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   # --mode=evaluate and in-training evaluation (every_steps 0 = off; its sampler: sampler, steps, cfg_scale,
   # guidance_low/high). feature_network 'fashion_mnist_classifier' (a CNN trained for classifier_steps, against the
   # real split `split`) or 'inception' (pytorch-fid's weights file inception_weights, against the ADM reference batch
-  # .npz reference_npz). floor_split: the real images of config.precompute.source whose metrics are the floor.
+  # .npz reference_npz). floor_split: the real images of config.precompute.source whose metrics are the floor ('': none).
   c.evaluate = dict(split="test", every_steps=0, num_samples=1000, batch_size=200, sampler="euler", steps=50,
                     cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, feature_network="fashion_mnist_classifier",
                     classifier_steps=1875, floor_split="train", inception_weights="", reference_npz="")

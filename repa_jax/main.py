@@ -68,9 +68,13 @@ def stage(name: str):
 def summary_line(metrics: dict, samples: str) -> str:
   """One line naming the grid and the metrics file with FD and class accuracy beside their real-data floor."""
   floor = metrics["floor"]
-  numbers = f"FD {metrics['fid']:.2f} (real-data floor {floor['fid']:.2f}, ratio {metrics['fid'] / floor['fid']:.2f})"
+  if floor is None:
+    numbers = f"FD {metrics['fid']:.2f} (no real-data floor: config.evaluate.floor_split is empty)"
+  else:
+    numbers = f"FD {metrics['fid']:.2f} (real-data floor {floor['fid']:.2f}, ratio {metrics['fid'] / floor['fid']:.2f})"
   if "class_accuracy" in metrics:
-    numbers += f", class accuracy {metrics['class_accuracy']:.3f} (real test images {floor['class_accuracy']:.3f})"
+    numbers += f", class accuracy {metrics['class_accuracy']:.3f}"
+    numbers += f" (real test images {floor['class_accuracy']:.3f})" if floor else ""
   grid = os.path.join(os.path.dirname(samples), GRID_FILE)
   return f"grid {grid} | metrics {samples}.metrics.json | {numbers}"
 

@@ -209,7 +209,8 @@ def test_inception_evaluation_against_an_adm_reference_batch(tmp_path, monkeypat
   config = tiny.get_config("reg=none")
   config.evaluate.update(feature_network="inception",
                          inception_weights=save_inception(tmp_path / "inception.safetensors"),
-                         reference_npz=write_reference(tmp_path / "reference.npz", images))
+                         reference_npz=write_reference(tmp_path / "reference.npz", images),
+                         floor_split="")  # no real ImageNet images here for the floor
   samples = tmp_path / "samples.npz"
   np.savez(samples, arr_0=images, arr_1=np.arange(4))
   # The Frechet distance's eigendecompositions of 2048 x 2048 matrices take ~1 s each on an idle 2-core CPU (tested
@@ -223,4 +224,5 @@ def test_inception_evaluation_against_an_adm_reference_batch(tmp_path, monkeypat
   assert result["fid"] == result["sfid"] == 0.0 and result["precision"] == result["recall"] == 1.0
   assert np.isfinite(result["inception_score"]) and result["inception_score"] >= 1 - 1e-6
   assert result["feature_network"] == "inception_v3_fid" and "class_accuracy" not in result
+  assert result["floor"] is None
   assert (tmp_path / "samples.npz.metrics.json").exists()

@@ -183,14 +183,14 @@ def real_floor(config: ml_collections.ConfigDict, features, real: dict, info: di
 
 def evaluate_npz(config: ml_collections.ConfigDict, npz_path: str) -> dict:
   """Metrics of an ADM-format .npz (arr_0 uint8 NHWC, arr_1 labels) against config.evaluate.feature_network's
-  reference, with their real-data floor (`floor`, see `real_floor`); writes JSON beside it (<npz>.metrics.json) and
-  returns the metrics."""
+  reference, with their real-data floor (`floor`, see `real_floor`; None when config.evaluate.floor_split is ''); writes
+  JSON beside it (<npz>.metrics.json) and returns the metrics."""
   features, info = feature_network(config)
   with epath.Path(npz_path).open("rb") as file, np.load(file) as stored:
     images, labels = stored["arr_0"], stored["arr_1"] if "arr_1" in stored else None
   real = reference(config, features)
   result = sample_metrics(real, network_outputs(features, images), **metric_options(config, labels))
-  result["floor"] = real_floor(config, features, real, info, len(images))
+  result["floor"] = real_floor(config, features, real, info, len(images)) if config.evaluate.floor_split else None
   result.update(info)
   epath.Path(f"{npz_path}.metrics.json").write_text(json.dumps(result, indent=2))
   return result
@@ -204,7 +204,7 @@ def make_periodic_evaluator(config: ml_collections.ConfigDict, mesh):
   features, info = feature_network(config)
   real = reference(config, features)
   e = config.evaluate
-  floor = real_floor(config, features, real, info, e.num_samples, with_knn=False)
+  floor = real_floor(config, features, real, info, e.num_samples, with_knn=False) if e.floor_split else {}
   floor = {f"floor_{name}": floor[name] for name in ("fid", "class_accuracy") if name in floor}
   sample_config = config.copy_and_resolve_references()
   sample_config.sample.update(sampler=e.sampler, steps=e.steps, num_samples=e.num_samples, labels="balanced",

@@ -1,4 +1,4 @@
-"""ODE and SDE samplers of the flow (REFERENCE.md section 1 "Sampling"), pure JAX over any velocity function.
+"""ODE and SDE samplers of the flow (SiT's and REPA's samplers), pure JAX over any velocity function.
 
 t = 1 is noise, t = 0 is data. A model enters as ``velocity_fn(x [B, ...], t [B], y [B] int) -> v [B, ...]`` (wrap the
 SiT, which returns ``(v, hiddens)``). It is called in the dtype of the initial noise; the state and the time grid are
