@@ -25,8 +25,8 @@ from repa_jax.models.vit import ViT, ViTSpec
 MEAN, STD = 0.2860, 0.3530
 PREPROCESSING = f"uint8 / 255, then (x - {MEAN}) / {STD} (Fashion-MNIST train mean / std)"
 PARAMS_FILE, INFO_FILE = "params.npz", "encoder.json"
-ARCHS = ("vit", "cnn")
 Spec = ViTSpec | CNNSpec
+ARCHS: dict[str, type[Spec]] = {"vit": ViTSpec, "cnn": CNNSpec}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,7 @@ class EncoderConfig:
   def spec(self, image_shape: tuple[int, int, int], num_classes: int) -> Spec:
     h, w, c = image_shape
     if self.arch not in ARCHS:
-      raise ValueError(f"EncoderConfig.arch={self.arch!r}: use one of {ARCHS}")
+      raise ValueError(f"EncoderConfig.arch={self.arch!r}: use one of {sorted(ARCHS)}")
     if self.arch == "cnn":
       return CNNSpec(image_size=(h, w), channels=c, stage_channels=self.stage_channels, num_classes=num_classes,
                      convs_per_stage=self.convs_per_stage)
@@ -203,7 +203,7 @@ def load_or_train_encoder(cache_dir: epath.PathLike, config: EncoderConfig = Enc
     if info["config"] != requested:
       raise ValueError(f"encoder cache {folder} was trained with config {info['config']}, not the requested "
                        f"{requested}. Fix: delete {folder} or pass another name.")
-    spec = (CNNSpec if config.arch == "cnn" else ViTSpec)(**info["spec"])
+    spec = ARCHS[config.arch](**info["spec"])
     params = load_params(folder / PARAMS_FILE, spec)
   else:
     images, labels = fashion_mnist_arrays("train", directory)

@@ -121,7 +121,7 @@ def class_grid(images: np.ndarray, labels: np.ndarray, rows: int = 10, columns: 
   """uint8 [N, H, W, C] samples with labels [N] -> one uint8 RGB grid: a row per class (the `rows` smallest labels
   present), its first `columns` samples, each pixel repeated `zoom` times, the class name (or number) on the left."""
   classes = np.unique(labels)[:rows]
-  n, h, w, c = images.shape
+  _, h, w, c = images.shape
   cells = [[images[i] for i in np.flatnonzero(labels == k)[:columns]] for k in classes]
   blank = np.zeros((h, w, c), np.uint8)
   grid = image_grid(np.stack([cell for row in cells for cell in row + [blank] * (columns - len(row))]), columns)
