@@ -44,13 +44,13 @@ ROWS = {
     "width192": {"model.width": 192, "model.num_heads": 3},
     "repa_block3": {"align.block": 3},
     "repa_lambda1": {"align.weight": 1.0},
-    "no_repa": {"align.weight": 0.0},
+    "no_repa": {"align.encoders": ()},
 }
 # REPA vs no regulariser at the shipped recipe (batch 32, lr 4e-3), three seeds each (seed: init, data order, noise):
 # `--rows=repa_seed0,...,none_seed2 --steps=300` trains 600 steps of batch 32 each (a third of the main job).
 RECIPE = {"train.batch_size": 32, "train.lr": 4e-3, "train.steps": 2.0}
 SEEDS = (0, 1, 2)
-ROWS.update({f"{reg}_seed{seed}": {**RECIPE, "seed": seed, **({} if reg == "repa" else {"align.weight": 0.0})}
+ROWS.update({f"{reg}_seed{seed}": {**RECIPE, "seed": seed, **({} if reg == "repa" else {"align.encoders": ()})}
              for reg in ("repa", "none") for seed in SEEDS})
 # name -> sample.* overrides, evaluated on one trained model (--samplers).
 SAMPLERS = {

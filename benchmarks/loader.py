@@ -4,7 +4,7 @@
   python benchmarks/loader.py --records=2000 --quantize=int8 --workdir=/tmp/loader_bench
 
 Writes (or reuses) `<workdir>/synth_in1k_<quantize>_<records>`: random records laid out as the default config's
-`required_spec` (256 px ImageNet, SD-VAE mean/std [32, 32, 4], DINOv2-B/14 features [256, 768], 1000 classes) with
+`dataset_requirement` (256 px ImageNet, SD-VAE mean/std [32, 32, 4], DINOv2-B/14 features [256, 768], 1000 classes) with
 `write_shard` / `finalize`, in --shards shards. It then measures, each with wall time, process CPU time (all threads)
 and the load average:
   (a) random-access reads through the TFDS data source of `open_features`: raw record bytes (ArrayRecord read +
@@ -29,9 +29,11 @@ from absl import app, flags
 from array_record.python import array_record_data_source, array_record_module
 
 from repa_jax.config import base_config
-from repa_jax.data.features import finalize, open_features, pending_shards, shard_range, stored_fields, write_shard
-from repa_jax.data.pipeline import process_batches, required_spec
-from repa_jax.models.repa_sit import sit_spec
+from repa_jax.data.features import (FeatureSpec, finalize, open_features, pending_shards, shard_range, stored_fields,
+                                    write_shard)
+from repa_jax.data.pipeline import process_batches
+from repa_jax.specs.data import dataset_requirement
+from repa_jax.specs.model import sit_spec
 
 _RECORDS = flags.DEFINE_integer("records", 2000, "Records in the synthetic dataset.")
 _QUANTIZE = flags.DEFINE_enum("quantize", "float16", ["float16", "int8"], "How encoder features are stored.")
@@ -212,8 +214,8 @@ def feed_requirements(stored_bytes: float, per_cpu_s: float) -> None:
 
 def main(argv):
   del argv
-  spec = dataclasses.replace(required_spec(base_config()), quantize=_QUANTIZE.value,
-                             preprocessing="synthetic N(0, 1)", source="loader benchmark")
+  spec = FeatureSpec(**dataclasses.asdict(dataset_requirement(base_config())), quantize=_QUANTIZE.value,
+                     preprocessing="synthetic N(0, 1)", source="loader benchmark")
   directory = os.path.join(_WORKDIR.value, f"synth_in1k_{_QUANTIZE.value}_{_RECORDS.value}")
   print(f"spec: {spec}\nload average at start: {os.getloadavg()}, {os.cpu_count()} CPUs")
   make_dataset(directory, spec, _RECORDS.value, _SHARDS.value)

@@ -20,7 +20,7 @@ from PIL import Image
 from repa_jax.data.precompute import compute_fn
 from repa_jax.data.sources import center_crop
 from repa_jax.models import dinov2, sd_vae
-from repa_jax.models.pretrained import Network, as_network
+from repa_jax.models.network import Network, as_network
 
 _BATCH = flags.DEFINE_integer("batch", 4, "Images per batch.")
 _STEPS = flags.DEFINE_integer("steps", 2, "Timed batches per component (after compilation).")

@@ -17,7 +17,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from repa_jax.models.repa_sit import compute_dtype, sit_spec
+from repa_jax.specs.model import model_spec, sit_spec
 from repa_jax.models.sit import SiT
 from repa_jax.sample.samplers import Guidance, sample
 
@@ -34,7 +34,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   spec = sit_spec(config)
-  graphdef, params = nnx.split(SiT(spec, nnx.Rngs(0), dtype=compute_dtype(config)))
+  graphdef, params = nnx.split(SiT(spec, nnx.Rngs(0), dtype=model_spec(config).compute_dtype))
   noise = jax.random.normal(jax.random.key(1), (_BATCH.value, *config.data.latent_shape))
   labels = jnp.arange(_BATCH.value, dtype=jnp.int32) % spec.num_classes
   guidance = Guidance(1.5, spec.num_classes)

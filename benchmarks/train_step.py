@@ -16,11 +16,11 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from repa_jax.models.repa_sit import sit_spec
-from repa_jax.train import sharding
+from repa_jax.specs import sharding
+from repa_jax.specs.model import aligned_encoders, dispersive_blocks, sit_spec
 from repa_jax.train.loop import make_batches
 from repa_jax.train.state import abstract_state, init_state, make_optimizer
-from repa_jax.train.step import dispersive_blocks, jit_train_step
+from repa_jax.train.step import jit_train_step
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/imagenet.py:model=B/2.")
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch size (sets config.train.batch_size).")
@@ -47,9 +47,8 @@ def analytic_flops(config) -> dict[str, float]:
       "embed+final": 2 * t * pc * d + 2 * d * 2 * d + 2 * t * d * pc + 2 * (256 * d + d * d),
       "projector": 0.0,
   }
-  if config.align.weight:
-    h = config.align.projector_dim
-    terms["projector"] = sum(2 * t * (d * h + h * h + h * z) for _, z in config.align.encoders)
+  h = config.align.projector_dim
+  terms["projector"] = sum(2 * t * (d * h + h * h + h * z) for z in aligned_encoders(config).values())
   batch = config.train.batch_size
   out = {k: 3.0 * v * batch for k, v in terms.items()}
   out["total"] = sum(out.values())
@@ -79,7 +78,7 @@ def main(argv):
         f"tokens {spec.num_tokens} input {spec.input_size}x{spec.in_channels} dtype {config.model.dtype} | "
         f"align weight {config.align.weight} block {config.align.block} encoders {tuple(config.align.encoders)} "
         f"projector {config.align.projector_dim} | disperse weight {config.disperse.weight}"
-        f"{' blocks ' + str(dispersive_blocks(config, spec.depth)) if config.disperse.weight else ''} | "
+        f"{' blocks ' + str(dispersive_blocks(config)) if config.disperse.weight else ''} | "
         f"batch {batch_size} | devices {jax.devices()} | load average {os.getloadavg()}", flush=True)
 
   # As in repa_jax.train.loop.train: mesh, shardings, state, batches, jitted step with the same shardings/donation.
@@ -147,7 +146,7 @@ def main(argv):
   achieved = analytic["total"] / median
   print(f"achieved: {achieved / 1e9:.1f} GFLOP/s (analytic / median)")
   print(f"SUMMARY model={config.model.name} depth={spec.depth} width={spec.width} tokens={spec.num_tokens} "
-        f"align={config.align.weight > 0} disperse={config.disperse.weight > 0} dtype={config.model.dtype} "
+        f"align={bool(aligned_encoders(config))} disperse={bool(dispersive_blocks(config))} dtype={config.model.dtype} "
         f"batch={batch_size} compile_s={lower_s + compile_s:.1f} step_median_s={median:.4f} step_min_s={best:.4f} "
         f"images_per_s={batch_size / median:.2f} cpu_s_per_step={statistics.median(cpu_times):.4f} maxrss_gib={maxrss_gb:.2f} "
         f"xla_gflop_scan_once={'n/a' if xla is None else f'{xla / 1e9:.4g}'} analytic_gflop={analytic['total'] / 1e9:.4g} "

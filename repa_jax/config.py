@@ -1,47 +1,52 @@
 """The config schema every experiment file in configs/ starts from, and its argument parser."""
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def base_config() -> ml_collections.ConfigDict:
   """All fields with REPA's published defaults (SiT-XL/2 + REPA on 256 px ImageNet latents)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # name '<S|B|L|XL>/<1|2|4|8>'; depth/width/num_heads: 0 = from the name.
-  c.model = dict(name="XL/2", depth=0, width=0, num_heads=0, dtype="float32")
+  # name '<S|B|L|XL>/<1|2|4|8>'; depth/width/num_heads: None = the named size's.
+  c.model = dict(name="XL/2", depth=placeholder(int), width=placeholder(int), num_heads=placeholder(int),
+                 dtype="float32")
   # source: 'synthetic' (random data of the configured shapes, for benchmarks and tests) or 'features'.
   # autoencoder: 'identity' (pixels) or 'sd-vae-ft-mse'; autoencoder_spec: VAESpec fields replacing SD-VAE's (tests).
   c.data = dict(source="synthetic", directory="", split="train", latent_shape=(32, 32, 4), num_classes=1000,
                 autoencoder="sd-vae-ft-mse", latent_scale=0.18215, autoencoder_spec={})
   c.flow = dict(path="linear", time_sampler="uniform")
-  # weight 0 switches REPA off (see `select_regularizers`); block is 1-indexed (REPA's encoder_depth); encoders: ((name, feature width), ...).
+  # encoders: ((name, feature width), ...), a projector each: () = no REPA (see `select_regularizers`); weight scales
+  # the term (0: not computed, the projectors stay in the parameter tree); block is 1-indexed (REPA's encoder_depth).
   c.align = dict(weight=0.5, block=8, encoders=(("dinov2_vitb14", 768),), projector_dim=2048, objective="cosine",
                  temperature=0.1)
-  # weight 0 switches it off (see `select_regularizers`); blocks () = (depth // 4,); group_size 0 = the whole per-step batch.
-  c.disperse = dict(weight=0.5, variant="infonce_l2", temperature=0.5, blocks=(), group_size=16, margin=1.0)
-  # keep_every: also keep every keep_every-th checkpoint for good (0: only the newest keep_checkpoints).
+  # weight 0 switches it off (see `select_regularizers`); blocks None = (depth // 4,); group_size 0 = the whole
+  # per-step batch.
+  c.disperse = dict(weight=0.5, variant="infonce_l2", temperature=0.5, blocks=placeholder(tuple), group_size=16,
+                    margin=1.0)
+  # keep_every: also keep every keep_every-th checkpoint for good (None: only the newest keep_checkpoints).
   # ema_warmup: decay min(ema_decay, (1 + step) / (10 + step)) instead of a constant ema_decay (REPA: constant).
   c.train = dict(batch_size=256, steps=400_000, lr=1e-4, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
                  weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, ema_warmup=False, label_dropout=0.1, log_every=100,
-                 checkpoint_every=10_000, keep_checkpoints=3, keep_every=0)
+                 checkpoint_every=10_000, keep_checkpoints=3, keep_every=placeholder(int))
   c.mesh = dict(axes=("data", "fsdp"), shape=(-1, 1))
-  # --mode=sample: sampler euler | heun | sde; labels uniform | balanced; checkpoint_step 0 = the newest;
+  # --mode=sample: sampler euler | heun | sde; labels uniform | balanced; checkpoint_step None = the newest;
   # decoder_weights: the sd-vae-ft-ema .safetensors that decodes VAE latents (unused for the identity autoencoder).
   c.sample = dict(sampler="sde", steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, num_samples=50_000,
-                  batch_size=256, labels="uniform", seed=0, checkpoint_step=0, decoder_weights="")
-  # --mode=evaluate and in-training evaluation (every_steps 0 = off; its sampler: sampler, steps, cfg_scale,
+                  batch_size=256, labels="uniform", seed=0, checkpoint_step=placeholder(int), decoder_weights="")
+  # --mode=evaluate and in-training evaluation (every_steps None = off; its sampler: sampler, steps, cfg_scale,
   # guidance_low/high). feature_network 'fashion_mnist_classifier' (a CNN trained for classifier_steps, against the
   # real split `split`) or 'inception' (pytorch-fid's weights file inception_weights, against the ADM reference batch
   # .npz reference_npz). floor_split: the real images of config.precompute.source whose metrics are the floor ('': none).
-  c.evaluate = dict(split="test", every_steps=0, num_samples=1000, batch_size=200, sampler="euler", steps=50,
+  c.evaluate = dict(split="test", every_steps=placeholder(int), num_samples=1000, batch_size=200, sampler="euler", steps=50,
                     cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, feature_network="fashion_mnist_classifier",
                     classifier_steps=1875, floor_split="train", inception_weights="", reference_npz="")
   # --mode=precompute: images of `source` ('fashion_mnist' | 'image_folder' | 'tfds:<name>') -> config.data.directory.
-  # limit: use only the first `limit` images of each split (0 = all); encoder_dir, encoder_steps: the project-trained
-  # encoders' cache and training steps (0 = their default); autoencoder_weights: the SD-VAE .safetensors;
+  # limit: use only the first `limit` images of each split (None = all); encoder_dir, encoder_steps: the
+  # project-trained encoders' cache and training steps (None = their default); autoencoder_weights: the SD-VAE .safetensors;
   # encoder_weights: {DINOv2 name: .pth / .safetensors}; encoder_specs: {DINOv2 name: DinoV2Spec fields replacing its
   # preset's} (tests); workers: threads decoding and cropping images ahead of the devices.
-  c.precompute = dict(source="fashion_mnist", source_dir="", resolution=0, splits=("train",), limit=0, num_shards=8,
-                      batch_size=256, workers=16, quantize="float16", encoder_dir="data/encoders", encoder_steps=0,
+  c.precompute = dict(source="fashion_mnist", source_dir="", resolution=0, splits=("train",), limit=placeholder(int), num_shards=8,
+                      batch_size=256, workers=16, quantize="float16", encoder_dir="data/encoders", encoder_steps=placeholder(int),
                       autoencoder_weights="", encoder_weights={}, encoder_specs={})
   return c
 
@@ -68,8 +73,10 @@ REGULARIZERS = {"none": (), "repa": ("align",), "disperse": ("disperse",), "both
 
 
 def select_regularizers(c: ml_collections.ConfigDict, reg: str) -> None:
-  """Keep the weights of the regularisers named by `reg` (none | repa | disperse | both) and zero the others."""
+  """Keep the regularisers named by `reg` (none | repa | disperse | both) and switch the others off: without REPA the
+  model has no projectors (align.encoders = ()), without the dispersive term its weight is 0."""
   kept = choose("reg", reg, REGULARIZERS)
-  for term in ("align", "disperse"):
-    if term not in kept:
-      c[term].weight = 0.0
+  if "align" not in kept:
+    c.align.encoders = ()
+  if "disperse" not in kept:
+    c.disperse.weight = 0.0

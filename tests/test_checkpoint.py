@@ -5,7 +5,8 @@ import pytest
 
 from configs import tiny
 from repa_jax.data.synthetic import SyntheticBatches
-from repa_jax.train import checkpoint, sharding
+from repa_jax.specs import sharding
+from repa_jax.train import checkpoint
 from repa_jax.train.loop import train
 from repa_jax.train.state import abstract_state, make_optimizer
 from repa_jax.train.step import jit_train_step

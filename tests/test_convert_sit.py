@@ -10,11 +10,15 @@ import pytest
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
-from repa_jax.convert.sit import convert_state_dict, convert_to_workdir, read_checkpoint
+from repa_jax.convert.sit import convert_state_dict, read_checkpoint
+from repa_jax.main import convert_to_workdir
 from repa_jax.convert.torch_layout import to_numpy
 from repa_jax.sample.generate import load_sit_ema
-from repa_jax.train import checkpoint, sharding
-from repa_jax.train.state import abstract_state, make_optimizer, model_graphdef
+from repa_jax.specs import sharding
+from repa_jax.train import checkpoint
+from repa_jax.models.repa_sit import model_graphdef
+from repa_jax.specs.model import model_spec
+from repa_jax.train.state import abstract_state, make_optimizer
 from tests.processes import ROOT, environment, newest_state, run
 
 torch = pytest.importorskip("torch")
@@ -196,7 +200,7 @@ def inputs(seed=1, batch=3):
 
 def repa_jax_forward(params, config, x, t, y):
   """(velocity NCHW, {encoder: projector output}) of the converted model."""
-  graphdef = model_graphdef(config)
+  graphdef = model_graphdef(model_spec(config))
 
   @jax.jit
   def forward(params, x, t, y):
@@ -284,7 +288,7 @@ def test_entry_point_writes_a_checkpoint_to_sample_and_fine_tune(tmp_path):
   torch.save({"model": random_sit(seed=0).state_dict(), "ema": ema.state_dict(), "opt": {}, "args":
               argparse.Namespace(model="SiT-XL/2")}, path)
   workdir = tmp_path / "run"
-  out = run([sys.executable, "-m", "repa_jax.convert.sit",
+  out = run([sys.executable, "-m", "repa_jax.main", "--mode=convert",
              f"--checkpoint={path}", "--config=configs/tiny.py:reg=repa", f"--workdir={workdir}"],
             environment(1, tmp_path / "cache"))
   assert "checkpoints/0" in out.stdout

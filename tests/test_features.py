@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from repa_jax.data import features
+from repa_jax.specs.data import DatasetRequirement
 
 
 def make_spec(**overrides) -> features.FeatureSpec:
@@ -15,6 +16,13 @@ def make_spec(**overrides) -> features.FeatureSpec:
                 encoders=(("dino", 4, 8), ("clip", 4, 6)), token_grid=(2, 2), quantize="float16", num_classes=3,
                 preprocessing="test", source="random")
   return features.FeatureSpec(**(fields | overrides))
+
+
+def make_requirement(**overrides) -> DatasetRequirement:
+  """What a run of make_spec()'s shapes needs, with `overrides`."""
+  fields = dict(autoencoder="sd-vae-ft-mse", latent_shape=(4, 4, 2), latent_scale=0.18215,
+                encoders=(("dino", 4, 8), ("clip", 4, 6)), token_grid=(2, 2), num_classes=3)
+  return DatasetRequirement(**(fields | overrides))
 
 
 def make_records(spec: features.FeatureSpec, ids) -> list[dict]:
@@ -133,12 +141,14 @@ def test_int8_quantisation_error_is_at_most_half_a_step():
 
 
 @pytest.mark.parametrize("expected, message", [
-    (make_spec(token_grid=(4, 4), encoders=(("dino", 16, 8),)),
-     "encoder 'dino' tokens: dataset has 4, config expects 16"),
-    (make_spec(encoders=(("dino", 4, 16),)), "encoder 'dino' width: dataset has 8, config expects 16"),
-    (make_spec(encoders=(("mae", 4, 8),)), "no field feat_mae"),
-    (make_spec(autoencoder="identity"), "autoencoder: dataset has 'sd-vae-ft-mse', config expects 'identity'"),
-    (make_spec(latent_shape=(8, 8, 2)), r"latent_shape: dataset has \(4, 4, 2\), config expects \(8, 8, 2\)"),
+    (make_requirement(token_grid=(4, 4), encoders=(("dino", 16, 8),)),
+     r"encoder 'dino' gives 4 tokens but the SiT's token grid \(4, 4\) has 16"),
+    (make_requirement(encoders=(("dino", 4, 16),)),
+     "encoder 'dino' features are 8 wide but config.align.encoders says 16"),
+    (make_requirement(encoders=(("mae", 4, 8),)), "no field feat_mae"),
+    (make_requirement(autoencoder="identity"), "autoencoder: dataset has 'sd-vae-ft-mse', config expects 'identity'"),
+    (make_requirement(latent_shape=(8, 8, 2)),
+     r"latent_shape: dataset has \(4, 4, 2\), config expects \(8, 8, 2\)"),
 ])
 def test_check_spec_refuses_a_mismatch(expected, message):
   with pytest.raises(ValueError, match=message) as error:
@@ -147,7 +157,7 @@ def test_check_spec_refuses_a_mismatch(expected, message):
 
 
 def test_check_spec_accepts_a_subset_of_encoders_and_other_quantisation():
-  features.check_spec(make_spec(), make_spec(encoders=(("clip", 4, 6),), quantize="int8", source="elsewhere"))
+  features.check_spec(make_spec(quantize="int8", source="elsewhere"), make_requirement(encoders=(("clip", 4, 6),)))
 
 
 def test_spec_from_metadata_refuses_a_missing_field():

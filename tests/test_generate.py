@@ -6,6 +6,7 @@ from jax.sharding import Mesh
 
 from configs import tiny
 from repa_jax.models.repa_sit import build_model
+from repa_jax.specs.model import model_spec
 from repa_jax.sample import generate
 from repa_jax.train.loop import train
 
@@ -20,7 +21,7 @@ def pixel_config(sampler="sde"):
 
 def images_on(devices, config):
   mesh = Mesh(np.asarray(devices), ("data",))
-  params = nnx.split(build_model(config, seed=3).sit)[1]
+  params = nnx.split(build_model(model_spec(config), jax.random.key(3)).sit)[1]
   return generate.generate_images(config, params, config.sample.num_samples, generate.make_sampler(config, mesh))
 
 

@@ -19,8 +19,9 @@ from repa_jax.data import features, sources
 from repa_jax.data.precompute import precompute
 from repa_jax.evaluate import evaluate, metrics
 from repa_jax.models import dinov2, sd_vae
-from repa_jax.models.pretrained import as_network
+from repa_jax.models.network import as_network
 from repa_jax.models.repa_sit import build_model
+from repa_jax.specs.model import model_spec
 from repa_jax.sample import generate
 
 VAE8 = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4)  # f = 8
@@ -167,7 +168,7 @@ def test_sampler_decodes_sit_latents_with_the_vae_decoder(tmp_path):
   config.sample.update(sampler="euler", steps=2, num_samples=8, batch_size=8,
                        decoder_weights=save_vae(tmp_path / "ema.safetensors", vae2))
   sampler = generate.make_sampler(config, Mesh(np.asarray(jax.devices()), ("data",)))
-  params = nnx.split(build_model(config, seed=0).sit)[1]
+  params = nnx.split(build_model(model_spec(config), jax.random.key(0)).sit)[1]
   images, labels = generate.generate_images(config, params, 8, sampler)
   assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8 and labels.shape == (8,)  # decoded: 3 channels
   assert len(np.unique(images)) > 10

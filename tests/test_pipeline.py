@@ -1,4 +1,6 @@
 """The grain pipeline over a feature dataset: process shards, determinism, resume, on-device batches, spec checks."""
+import dataclasses
+
 import chex
 import jax
 import numpy as np
@@ -6,8 +8,9 @@ import pytest
 
 from configs import tiny
 from repa_jax.data import features
-from repa_jax.data.pipeline import FeatureBatches, process_batches, required_spec
-from repa_jax.train import sharding
+from repa_jax.data.pipeline import FeatureBatches, process_batches
+from repa_jax.specs.data import dataset_requirement
+from repa_jax.specs import sharding
 
 NUM_EXAMPLES = 40
 
@@ -20,7 +23,8 @@ def tiny_feature_config(directory, quantize="float16"):
 
 
 def write_dataset(directory, config, quantize="float16"):
-  spec = features.FeatureSpec(**{**required_spec(config).to_dict(), "quantize": quantize, "source": "random"})
+  spec = features.FeatureSpec(**dataclasses.asdict(dataset_requirement(config)), quantize=quantize, source="random",
+                                preprocessing="")
   (name, tokens, width), = spec.encoders
   for shard in range(2):
     ids = features.shard_range(NUM_EXAMPLES, shard, 2)

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from repa_jax.models.layers import sincos_pos_embed_2d
-from repa_jax.models.sit import PATCH_SIZES, SIZES, SiT, spec_from_name
+from repa_jax.models.sit import SiT
+from repa_jax.specs.model import PATCH_SIZES, SIZES, spec_from_name
 
 
 def count_params(name, **kw):

@@ -7,8 +7,10 @@ import pytest
 
 from configs import tiny
 from repa_jax.data.synthetic import SyntheticBatches
-from repa_jax.train import sharding
-from repa_jax.train.state import abstract_state, init_state, make_optimizer, model_graphdef
+from repa_jax.models.repa_sit import model_graphdef
+from repa_jax.specs import sharding
+from repa_jax.specs.model import model_spec
+from repa_jax.train.state import abstract_state, init_state, make_optimizer
 from repa_jax.train.step import drop_labels, jit_train_step, make_train_step
 
 
@@ -88,18 +90,37 @@ def test_step_is_traced_once():
   mesh = sharding.make_mesh(("data", "fsdp"), (1, 1), jax.devices()[:1])
   tx = make_optimizer(config)
   shardings = sharding.state_sharding(abstract_state(config, tx), mesh)
-  step = jax.jit(chex.assert_max_traces(make_train_step(config, model_graphdef(config)), n=1), donate_argnums=0)
+  step = jax.jit(chex.assert_max_traces(make_train_step(config, model_graphdef(model_spec(config))), n=1),
+                 donate_argnums=0)
   state, batches = init_state(config, tx, shardings), SyntheticBatches(config, sharding.batch_sharding(mesh))
   for _ in range(3):
     state, _ = step(state, next(batches))
   assert int(state["step"]) == 3
 
 
+def test_parameter_tree_follows_the_encoders_not_the_weight():
+  """Projectors exist iff config.align.encoders is non-empty: a REPA state trains on with align.weight 0 (no REPA term,
+  no features read), its projectors untouched; without encoders there are none."""
+  config = tiny.get_config("reg=repa")
+  tx = make_optimizer(config)
+  repa_tree = jax.tree.structure(abstract_state(config, tx))
+  step, state, batches = setup(config, (1, 1))
+  state, _ = step(state, next(batches))
+  projectors = jax.device_get(state["params"]["projectors"])
+  config.align.weight = 0.0
+  assert jax.tree.structure(abstract_state(config, tx)) == repa_tree
+  step_off, _, batches_off = setup(config, (1, 1))
+  state, metrics = step_off(state, next(batches_off))
+  assert "align" not in metrics
+  chex.assert_trees_all_equal(jax.device_get(state["params"]["projectors"]), projectors)
+  assert not jax.tree.leaves(abstract_state(tiny.get_config("reg=none"), tx)["params"].get("projectors", {}))
+
+
 @pytest.mark.parametrize("reg, term", [("repa", "align"), ("disperse", "disperse")])
 def test_regulariser_gradient_reaches_the_blocks_up_to_the_read_one(reg, term):
   """Only the regulariser's gradient differs between a run with and without it; it must reach the model's blocks."""
   config = tiny.get_config(f"reg={reg}")
-  graphdef = model_graphdef(config)
+  graphdef = model_graphdef(model_spec(config))
   mesh = sharding.make_mesh(("data", "fsdp"), (1, 1), jax.devices()[:1])
   tx = make_optimizer(config)
   state = init_state(config, tx, sharding.state_sharding(abstract_state(config, tx), mesh))
@@ -140,9 +161,9 @@ def test_mismatched_features_and_batches_are_refused():
   step, state, batches = setup(config, (1, 1))
   batch = next(batches)
   features = batch["features"]["toy_encoder"]
-  with pytest.raises(ValueError, match="gives 8 tokens but SiT S/2 has 16 tokens"):
+  with pytest.raises(ValueError, match=r"gives 8 tokens but the SiT's token grid \(4, 4\) has 16"):
     step(state, {**batch, "features": {"toy_encoder": features[:, :8]}})
-  with pytest.raises(ValueError, match="are 8 wide but its projector outputs 16"):
+  with pytest.raises(ValueError, match="are 8 wide but config.align.encoders says 16"):
     step(state, {**batch, "features": {"toy_encoder": features[..., :8]}})
   with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 devices"):
     sharding.check_batch_divisible(6, sharding.make_mesh(("data", "fsdp"), (2, 2), jax.devices()[:4]))

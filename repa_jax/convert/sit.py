@@ -1,7 +1,8 @@
-"""Official PyTorch SiT checkpoints -> repa_jax parameters (the state of `RepaSiT`), and an entry point writing them as
-a repa_jax checkpoint that `--mode=sample` samples and `--mode=train` fine-tunes:
+"""Official PyTorch SiT checkpoints -> repa_jax parameters (the state of `RepaSiT`). The entry point writes them as a
+repa_jax checkpoint that `--mode=sample` samples and `--mode=train` fine-tunes:
 
-  python -m repa_jax.convert.sit --checkpoint=last.pt --config=configs/imagenet.py:model=XL/2,reg=repa --workdir=DIR
+  python -m repa_jax.main --mode=convert --checkpoint=last.pt --config=configs/imagenet.py:model=XL/2,reg=repa \
+    --workdir=DIR
 
 Two code bases, with the same module names (x_embedder.proj, t_embedder.mlp.0/2, y_embedder.embedding_table, pos_embed,
 blocks.N.{attn.qkv, attn.proj, mlp.fc1, mlp.fc2, adaLN_modulation.1}, final_layer.{linear, adaLN_modulation.1}):
@@ -23,15 +24,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 from flax import nnx
-from ml_collections import config_flags
 
 from repa_jax.convert.torch_layout import conv_kernel, linear_kernel, load_state_dict, take
 from repa_jax.models.layers import sincos_pos_embed_2d
-from repa_jax.models.repa_sit import build_model, sit_spec
-from repa_jax.train import checkpoint
-from repa_jax.train.state import make_optimizer
+from repa_jax.models.repa_sit import abstract_params
+from repa_jax.specs.model import model_spec
 
 SOURCES = ("repa", "sit")
 # repa_jax module path under `sit` -> official module name; blocks' names are prefixed with `blocks.N.`.
@@ -137,7 +136,7 @@ def check_pos_embed(state_dict: dict[str, np.ndarray], spec) -> None:
 
 def convert_state_dict(state_dict: dict[str, np.ndarray], config: ml_collections.ConfigDict,
                        source: str | None = None) -> nnx.State:
-  """{official name: ndarray} -> the parameters of `build_model(config, ...)` (sit and projectors, as the train
+  """{official name: ndarray} -> the parameters of the config's `RepaSiT` (sit and projectors, as the train
   state's 'params'); the K-th official projector goes to the K-th of config.align.encoders. Projectors are ignored
   when the config has none (REPA off). source: 'repa' | 'sit' (see the module docstring), None = detect_source.
 
@@ -147,8 +146,8 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], config: ml_collections
   if source not in SOURCES:
     raise ValueError(f"source {source!r}: use one of {SOURCES}")
   state_dict = rename_legacy_blocks(state_dict)
-  spec = sit_spec(config)
-  _, abstract = nnx.split(nnx.eval_shape(lambda: build_model(config, config.seed)))
+  spec = model_spec(config).sit
+  abstract = abstract_params(model_spec(config))
   projector_index = {name: k for k, name in enumerate(abstract.get("projectors", {}))}
   if len(block_indices(state_dict)) != spec.depth:
     raise ValueError(f"the checkpoint has {len(block_indices(state_dict))} blocks (blocks.N.*), the config's model "
@@ -184,40 +183,3 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], config: ml_collections
   if source == "sit":
     logging.warning("SiT/DispLoss checkpoint (t = 0: noise): converted to repa_jax time, v(x, t) = -v_sit(x, 1 - t)")
   return params
-
-
-def convert_to_workdir(checkpoint_path: str, config: ml_collections.ConfigDict, workdir: str, which: str = "ema",
-                       source: str | None = None) -> str:
-  """Writes the converted weights as checkpoint step 0 of `workdir` (params = EMA = the weights, a fresh optimizer
-  state, an unread data iterator), in train/checkpoint.py's layout. Returns the checkpoint's directory."""
-  directory = checkpoint.checkpoint_dir(workdir)
-  if directory.exists() and any(directory.iterdir()):
-    raise FileExistsError(f"{directory} is not empty: convert into a new --workdir")
-  params = convert_state_dict(read_checkpoint(checkpoint_path, which), config, source)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": make_optimizer(config).init(params),
-           "ema_params": params}
-  manager = checkpoint.make_manager(workdir, config)
-  checkpoint.save(manager, state, {}, config)  # no data position: training reads from the start
-  manager.wait_until_finished()
-  manager.close()
-  return str(directory / "0")
-
-
-def main(argv):
-  del argv
-  f = flags.FLAGS
-  print(f"wrote {convert_to_workdir(f.checkpoint, f.config, f.workdir, f.which, f.source)}")
-
-
-if __name__ == "__main__":  # flags are defined here only: repa_jax.main defines --config and --workdir too
-  config_flags.DEFINE_config_file("config", None, "The config of the checkpoint's model, e.g. "
-                                  "configs/imagenet.py:model=XL/2,reg=repa.")
-  flags.DEFINE_string("checkpoint", None, "The official .pt file (last.pt, SiT-XL-2-256x256.pt, or a train.py "
-                      "checkpoint).")
-  flags.DEFINE_string("workdir", None, "A new directory for the repa_jax checkpoint.")
-  flags.DEFINE_enum("which", "ema", ["ema", "model"], "The weights of a training checkpoint to convert (ignored for "
-                    "bare state dicts such as the releases).")
-  flags.DEFINE_enum("source", None, list(SOURCES), "repa: sihyun-yu/REPA; sit: willisma/SiT or raywang4/DispLoss "
-                    "(time reversed). Default: told by the presence of projectors.*.")
-  flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
-  app.run(main)

@@ -31,6 +31,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from repa_jax.specs.data import DatasetRequirement, check_encoder_features
+
 IDENTITY_AUTOENCODER = "identity"
 QUANTIZATIONS = ("float16", "int8")
 _METADATA_FILE = "metadata.json"
@@ -382,23 +384,20 @@ def open_features(directory: epath.PathLike, split: str):
   return builder.as_data_source(split), _spec_from_metadata(builder.info.metadata, directory)
 
 
-def check_spec(spec: FeatureSpec, expected: FeatureSpec) -> None:
-  """Refuses a feature dataset (`spec`) that does not hold what a run (`expected`) needs, with a ValueError.
+def check_spec(spec: FeatureSpec, requirement: DatasetRequirement) -> None:
+  """Refuses a feature dataset (`spec`) that does not hold what a run needs, with a ValueError naming the field.
 
-  Compared: every expected encoder (present, tokens, width), then autoencoder, latent_shape, latent_scale,
-  token_grid and num_classes. The dataset may hold more encoders than expected; quantize (the reader dequantises),
-  preprocessing and source (free text) are not compared.
+  Compared: every required encoder (present, tokens, width), then autoencoder, latent_shape, latent_scale,
+  token_grid and num_classes. The dataset may hold more encoders; quantize (the reader dequantises), preprocessing
+  and source (free text) are a dataset's own.
   """
   stored = {name: (tokens, width) for name, tokens, width in spec.encoders}
-  for name, tokens, width in expected.encoders:
+  for name, _, _ in requirement.encoders:
     if name not in stored:
       raise ValueError(f"feature dataset has no field feat_{name}: encoder {name!r} is not among its encoders "
                        f"{list(stored)}. {_PRECOMPUTE_FIX}")
-    for field, have, want in zip(("tokens", "width"), stored[name], (tokens, width)):
-      if have != want:
-        raise ValueError(f"feature dataset encoder {name!r} {field}: dataset has {have}, config expects {want}. "
-                         f"{_PRECOMPUTE_FIX}")
+    check_encoder_features(name, *stored[name], requirement, f"feature dataset ({_PRECOMPUTE_FIX})")
   for field in ("autoencoder", "latent_shape", "latent_scale", "token_grid", "num_classes"):
-    have, want = getattr(spec, field), getattr(expected, field)
+    have, want = getattr(spec, field), getattr(requirement, field)
     if have != want:
       raise ValueError(f"feature dataset {field}: dataset has {have!r}, config expects {want!r}. {_PRECOMPUTE_FIX}")

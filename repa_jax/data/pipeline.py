@@ -11,18 +11,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from repa_jax.data.features import FeatureSpec, check_spec, dequantize_int8, open_features
-from repa_jax.models.repa_sit import sit_spec
-
-
-def required_spec(config: ml_collections.ConfigDict) -> FeatureSpec:
-  """What a run of `config` needs from its feature dataset (check_spec ignores quantize, preprocessing, source)."""
-  spec = sit_spec(config)
-  encoders = tuple((name, spec.num_tokens, width) for name, width in config.align.encoders) if config.align.weight \
-      else ()
-  return FeatureSpec(autoencoder=config.data.autoencoder, latent_shape=tuple(config.data.latent_shape),
-                     latent_scale=config.data.latent_scale, encoders=encoders, token_grid=spec.grid,
-                     quantize="float16", num_classes=config.data.num_classes, preprocessing="", source="")
+from repa_jax.data.features import check_spec, dequantize_int8, open_features
+from repa_jax.specs.data import dataset_requirement
+from repa_jax.specs.model import aligned_encoders
 
 
 def to_train_batch(records: dict, encoders: tuple[str, ...]) -> dict:
@@ -58,8 +49,8 @@ class FeatureBatches:
   def __init__(self, config: ml_collections.ConfigDict, sharding: NamedSharding, *, num_threads: int = 4,
                prefetch: int = 8):
     source, spec = open_features(config.data.directory, config.data.split)
-    check_spec(spec, required_spec(config))
-    self.encoders = tuple(name for name, _ in config.align.encoders) if config.align.weight else ()
+    check_spec(spec, dataset_requirement(config))
+    self.encoders = tuple(aligned_encoders(config))
     fields = {"label", "ae_pixels", "ae_mean", "ae_std"} | {f"feat_{n}" for n in self.encoders} | {
         f"feat_{n}_scale" for n in self.encoders}
     local = process_batches(source, seed=config.seed, global_batch=config.train.batch_size,

@@ -13,13 +13,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm import tqdm
 
+from repa_jax.convert import pretrained
 from repa_jax.data import encoder, features, sources
-from repa_jax.data.pipeline import required_spec
-from repa_jax.models import dinov2, pretrained
-from repa_jax.models.pretrained import Network
+from repa_jax.models import dinov2
+from repa_jax.models.network import Network
+from repa_jax.specs import sharding
+from repa_jax.specs.data import check_encoder_features, dataset_requirement
+from repa_jax.specs.model import aligned_encoders
 
 DINOV2_PREPROCESSING = ("uint8 / 255, ImageNet mean/std, torch bicubic (no antialias) to 224 px per 256 px, patch "
                         "tokens after the final LayerNorm (REPA's)")
@@ -37,14 +40,14 @@ def image_source(config: ml_collections.ConfigDict, split: str) -> sources.Image
     source = sources.tfds_images(p.source.removeprefix("tfds:"), split, p.source_dir or None, p.resolution or None)
   else:
     raise ValueError(f"config.precompute.source={p.source!r}: use 'fashion_mnist', 'image_folder' or 'tfds:<name>'")
-  if p.limit and p.limit < len(source):
+  if p.limit is not None and p.limit < len(source):
     return dataclasses.replace(source, num_examples=p.limit)
   return source
 
 
 def encoder_config(config: ml_collections.ConfigDict, **overrides) -> encoder.EncoderConfig:
   """The training run of a project-trained encoder: the defaults, config.precompute.encoder_steps if set."""
-  steps = {"steps": config.precompute.encoder_steps} if config.precompute.encoder_steps else {}
+  steps = {"steps": config.precompute.encoder_steps} if config.precompute.encoder_steps is not None else {}
   return encoder.EncoderConfig(**steps, **overrides)
 
 
@@ -80,7 +83,7 @@ def load_autoencoder(config: ml_collections.ConfigDict) -> Network:
 def compute_fn(autoencoder: Network, encoders: dict[str, Network], mesh: Mesh):
   """(jitted `compute(params, uint8 images [B, H, W, C]) -> stored fields`, its params): the batch split over the
   devices of `mesh`, the weights replicated."""
-  batch_sharding, replicated = NamedSharding(mesh, P("devices")), NamedSharding(mesh, P())
+  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
   def compute(params, images):
     autoencoder_params, encoder_params = params
@@ -96,11 +99,8 @@ def compute_fn(autoencoder: Network, encoders: dict[str, Network], mesh: Mesh):
 def check_output_shapes(config: ml_collections.ConfigDict, spec: features.FeatureSpec, shapes: dict) -> None:
   """Refuses networks whose outputs (`shapes`: field -> [B, ...]) differ from the FeatureSpec the config needs."""
   res = f"config.precompute.resolution={config.precompute.resolution}"
-  for name, tokens, _ in spec.encoders:
-    have = shapes[f"feat_{name}"][1]
-    if have != tokens:
-      raise ValueError(f"encoder {name!r} gives {have} tokens at {res}, but the SiT token grid {spec.token_grid} "
-                       f"(config.data.latent_shape, config.model.name's patch) has {tokens}: make them agree")
+  for name, _, _ in spec.encoders:
+    check_encoder_features(name, *shapes[f"feat_{name}"][1:], dataset_requirement(config), f"at {res}")
   for name, shape in shapes.items():
     if name.startswith("ae_") and tuple(shape[1:]) != spec.latent_shape:
       raise ValueError(f"autoencoder {config.data.autoencoder!r} gives {name} {tuple(shape[1:])} at {res}, but "
@@ -132,19 +132,19 @@ def precompute(config: ml_collections.ConfigDict) -> None:
   """Writes the feature dataset of `config` (config.data.directory) for every split in config.precompute.splits."""
   p = config.precompute
   encoders, infos = {}, {}
-  for name, width in (config.align.encoders if config.align.weight else ()):
+  for name, width in aligned_encoders(config).items():
     encoders[name], infos[name] = load_encoder(name, config)
     if infos[name]["width"] != width:
       raise ValueError(f"encoder {name!r} is {infos[name]['width']} wide but config.align.encoders says {width}: "
                        f"set it to {infos[name]['width']}")
-  required = required_spec(config)
+  requirement = dataset_requirement(config)
   crop = [f"ADM centre crop to {p.resolution} px"] if p.resolution else []
   spec = features.FeatureSpec(
-      **{**required.to_dict(), "quantize": p.quantize, "source": f"{p.source} {p.source_dir}".strip(),
-         "preprocessing": "; ".join(crop + [f"autoencoder {config.data.autoencoder}"] +
-                                    [f"{n}: {info['preprocessing']}" for n, info in infos.items()])})
+      **dataclasses.asdict(requirement), quantize=p.quantize, source=f"{p.source} {p.source_dir}".strip(),
+      preprocessing="; ".join(crop + [f"autoencoder {config.data.autoencoder}"] +
+                              [f"{n}: {info['preprocessing']}" for n, info in infos.items()]))
   local_devices = jax.local_devices()
-  compute, params = compute_fn(load_autoencoder(config), encoders, Mesh(np.asarray(local_devices), ("devices",)))
+  compute, params = compute_fn(load_autoencoder(config), encoders, sharding.data_mesh(local_devices))
   for split in p.splits:
     source = image_source(config, split)
     if None not in source.image_shape:

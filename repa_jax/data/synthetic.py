@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding
 
-from repa_jax.models.repa_sit import sit_spec
+from repa_jax.specs import rng
+from repa_jax.specs.model import aligned_encoders, sit_spec
 
 
 class SyntheticBatches:
@@ -16,8 +17,8 @@ class SyntheticBatches:
 
   def __init__(self, config: ml_collections.ConfigDict, sharding: NamedSharding):
     batch, spec = config.train.batch_size, sit_spec(config)
-    encoders = dict(config.align.encoders) if config.align.weight else {}
-    key = jax.random.key(config.seed + 1)
+    encoders = aligned_encoders(config)
+    key = rng.stream(config.seed, "synthetic_data")
 
     def make(index):
       keys = jax.random.split(jax.random.fold_in(key, index), 3 + len(encoders))

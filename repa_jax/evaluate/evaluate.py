@@ -19,11 +19,13 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from repa_jax.convert import pretrained
 from repa_jax.data import encoder
-from repa_jax.data.precompute import encoder_config, image_source
+from repa_jax.data.precompute import image_source
 from repa_jax.data.sources import FASHION_MNIST_DIRECTORY
 from repa_jax.evaluate import metrics
-from repa_jax.models import pretrained
+from repa_jax.sample.generate import class_grid, class_names, generate_images, make_sampler
+from repa_jax.specs import sharding
 
 CLASSIFIER_SEED = 1  # another initialisation and data order than the REPA encoder's (seed 0)
 FLOOR_SEED = 2  # which real images of config.evaluate.floor_split make the floor
@@ -196,11 +198,14 @@ def evaluate_npz(config: ml_collections.ConfigDict, npz_path: str) -> dict:
   return result
 
 
-def make_periodic_evaluator(config: ml_collections.ConfigDict, mesh):
-  """In-training evaluation: `evaluate(sit_params) -> (metrics, uint8 grid)` on config.evaluate.num_samples
-  class-balanced samples (config.evaluate.sampler / steps / cfg_scale / guidance interval) against the feature
-  network's reference, with the floor's FD and class accuracy (floor_fid, floor_class_accuracy); no k-NN metrics."""
-  from repa_jax.sample.generate import class_grid, class_names, generate_images, make_sampler
+def periodic_evaluator(config: ml_collections.ConfigDict):
+  """In-training evaluation for `train()` (None while config.evaluate.every_steps is None): `evaluate(sit_params) ->
+  (metrics, uint8 grid)` on config.evaluate.num_samples class-balanced samples (config.evaluate.sampler / steps /
+  cfg_scale / guidance interval) against the feature network's reference, with the floor's FD and class accuracy
+  (floor_fid, floor_class_accuracy); no k-NN metrics. Samples on the training run's mesh (config.mesh)."""
+  if config.evaluate.every_steps is None:
+    return None
+  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
   features, info = feature_network(config)
   real = reference(config, features)
   e = config.evaluate
@@ -211,7 +216,7 @@ def make_periodic_evaluator(config: ml_collections.ConfigDict, mesh):
                               cfg_scale=e.cfg_scale, guidance_low=e.guidance_low, guidance_high=e.guidance_high,
                               batch_size=e.batch_size)
   sampler = make_sampler(sample_config, mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  replicated = sharding.replicated(mesh)
 
   def evaluate(sit_params) -> tuple[dict, np.ndarray]:
     images, labels = generate_images(sample_config, jax.device_put(sit_params, replicated), e.num_samples, sampler)

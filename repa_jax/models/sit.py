@@ -1,5 +1,4 @@
 """SiT: the flow-matching diffusion transformer (adaLN-Zero DiT blocks on patch tokens)."""
-import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -8,46 +7,7 @@ from flax import nnx
 
 from repa_jax.models.layers import (Attention, Mlp, TimestepEmbedder, layer_norm, linear, modulate, normal_002,
                                     patchify, sincos_pos_embed_2d, unpatchify, zeros)
-
-# size -> (depth, width, heads), as in the official SiT.
-SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-PATCH_SIZES = (1, 2, 4, 8)
-
-
-@dataclasses.dataclass(frozen=True)
-class SiTSpec:
-  """Everything that fixes a SiT's parameter shapes."""
-  input_size: tuple[int, int]  # (H, W) of the latent / image
-  in_channels: int
-  num_classes: int
-  patch: int
-  depth: int
-  width: int
-  num_heads: int
-  mlp_ratio: float = 4.0
-
-  @property
-  def grid(self) -> tuple[int, int]:
-    return self.input_size[0] // self.patch, self.input_size[1] // self.patch
-
-  @property
-  def num_tokens(self) -> int:
-    return self.grid[0] * self.grid[1]
-
-
-def spec_from_name(name: str, *, input_size, in_channels: int, num_classes: int, depth=None, width=None,
-                   num_heads=None) -> SiTSpec:
-  """'XL/2' -> SiTSpec; depth/width/num_heads, when given, override the named size."""
-  size, _, patch = name.partition("/")
-  if size not in SIZES or not patch.isdigit() or int(patch) not in PATCH_SIZES:
-    raise ValueError(f"config.model.name={name!r} is not a SiT model: use <size>/<patch> with size in "
-                     f"{sorted(SIZES)} and patch in {PATCH_SIZES}, e.g. 'XL/2'")
-  named_depth, named_width, named_heads = SIZES[size]
-  h, w = input_size
-  if h % int(patch) or w % int(patch):
-    raise ValueError(f"input size {h}x{w} is not divisible by the patch size {patch} of config.model.name={name!r}")
-  return SiTSpec(input_size=(h, w), in_channels=in_channels, num_classes=num_classes, patch=int(patch),
-                 depth=depth or named_depth, width=width or named_width, num_heads=num_heads or named_heads)
+from repa_jax.specs.model import SiTSpec
 
 
 class SiTBlock(nnx.Module):

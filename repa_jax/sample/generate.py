@@ -1,8 +1,8 @@
 """--mode=sample: EMA parameters of a checkpoint -> N samples (decoded by the SD-VAE for latent models) -> an
 ADM-format .npz and a PNG grid.
 
-Deterministic for config.sample.seed whatever the device count (chunk i draws its noise from fold_in(key, i), the
-labels are drawn up front), and resumable: finished chunks are kept on disk and skipped by a re-run.
+Deterministic for config.sample.seed whatever the device count (chunk i draws its noise from
+fold_in(rng.stream(seed, 'sample_noise'), i), the labels are drawn up front), and resumable: finished chunks are kept on disk and skipped by a re-run.
 """
 import functools
 
@@ -12,19 +12,19 @@ import ml_collections
 import numpy as np
 from etils import epath
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from repa_jax.convert import pretrained
 from repa_jax.data.features import IDENTITY_AUTOENCODER
 from repa_jax.data.sources import FASHION_MNIST_CLASS_NAMES
-from repa_jax.models import pretrained
-from repa_jax.models.pretrained import Network
-from repa_jax.models.repa_sit import compute_dtype, sit_spec
-from repa_jax.models.sit import SiT
+from repa_jax.models.network import Network
+from repa_jax.models.repa_sit import abstract_params, sit_graphdef
 from repa_jax.sample.samplers import Guidance, sample
+from repa_jax.specs import rng, sharding
+from repa_jax.specs.model import model_spec
 from repa_jax.train import checkpoint
-from repa_jax.train.state import abstract_params
 
 LABEL_MODES = ("uniform", "balanced")
 GRID_FILE = "grid.png"
@@ -34,7 +34,8 @@ def sample_labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray:
   """[num] int32 labels: uniform random from config.sample.seed, or class-balanced (0, 1, ..., K-1, 0, ...)."""
   classes = config.data.num_classes
   if config.sample.labels == "uniform":
-    return np.asarray(jax.random.randint(jax.random.key(config.sample.seed), (num,), 0, classes), np.int32)
+    key = rng.stream(config.sample.seed, "sample_labels")
+    return np.asarray(jax.random.randint(key, (num,), 0, classes), np.int32)
   if config.sample.labels == "balanced":
     return np.arange(num, dtype=np.int32) % classes
   raise ValueError(f"config.sample.labels={config.sample.labels!r}: use one of {LABEL_MODES}")
@@ -57,7 +58,7 @@ def make_sampler(config: ml_collections.ConfigDict, mesh: Mesh):
   """Jitted (params, noise [B, h, w, c], labels [B], key) -> uint8 images [B, H, W, C], the batch over all devices;
   latents are decoded by `pixel_decoder`, whose weights are bound in (replicated)."""
   s = config.sample
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: SiT(sit_spec(config), nnx.Rngs(0), dtype=compute_dtype(config))))
+  graphdef = sit_graphdef(model_spec(config))
   guidance = None if s.cfg_scale == 1.0 else Guidance(s.cfg_scale, config.data.num_classes, s.guidance_low,
                                                       s.guidance_high)
   if s.batch_size % mesh.size:
@@ -71,15 +72,15 @@ def make_sampler(config: ml_collections.ConfigDict, mesh: Mesh):
     x = sample(s.sampler, velocity, noise, labels, key, s.steps, config.flow.path, guidance)
     return to_uint8(decoder.apply(decoder_params, x / config.data.latent_scale))
 
-  batch, replicated = NamedSharding(mesh, P(mesh.axis_names)), NamedSharding(mesh, P())
+  batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   jitted = jax.jit(generate, in_shardings=(replicated, replicated, batch, batch, None), out_shardings=batch)
   return functools.partial(jitted, jax.device_put(decoder.params, replicated))
 
 
 def load_sit_ema(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, step: int | None = None):
   """(SiT EMA parameters replicated on `mesh`, step) from a checkpoint, reading nothing else."""
-  abstract = abstract_params(config)
-  replicated = NamedSharding(mesh, P())
+  abstract = abstract_params(model_spec(config))
+  replicated = sharding.replicated(mesh)
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
   params, step = checkpoint.restore_ema_params(workdir, target, config, step)
   return params["sit"], step
@@ -90,7 +91,7 @@ def generate_images(config: ml_collections.ConfigDict, params, num: int, sampler
   """(uint8 images [num, H, W, C], labels [num]) in chunks of config.sample.batch_size; chunks found in `chunk_dir`
   are reused, new ones saved there."""
   s, shape = config.sample, tuple(config.data.latent_shape)
-  labels, key = sample_labels(config, num), jax.random.key(s.seed)
+  labels, key = sample_labels(config, num), rng.stream(s.seed, "sample_noise")
   images = []
   for i, start in enumerate(tqdm(range(0, num, s.batch_size), disable=not show_progress, desc="sample", unit="chunk")):
     path = chunk_dir / f"chunk_{i:05d}.npy" if chunk_dir else None
@@ -148,9 +149,11 @@ def save_png(path: epath.Path, grid: np.ndarray) -> None:
 
 def output_dir(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> epath.Path:
   """<workdir>/samples/<step>_<sampler><steps>_cfg<scale>[_t<low>-<high>]_seed<seed> (the guidance interval named when
-  guidance is on and the interval is not [0, 1]); step None = the newest checkpoint's."""
+  guidance is on and the interval is not [0, 1]); step None = config.sample.checkpoint_step, None there = the newest
+  checkpoint's."""
   s = config.sample
-  step = step or s.checkpoint_step or checkpoint.latest_step(workdir)
+  step = step if step is not None else s.checkpoint_step
+  step = checkpoint.latest_step(workdir) if step is None else step
   interval = (f"_t{s.guidance_low}-{s.guidance_high}"
               if s.cfg_scale != 1.0 and (s.guidance_low, s.guidance_high) != (0.0, 1.0) else "")
   return epath.Path(workdir) / "samples" / f"{step}_{s.sampler}{s.steps}_cfg{s.cfg_scale}{interval}_seed{s.seed}"
@@ -160,8 +163,8 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
   """Writes <workdir>/samples/<step>/samples.npz (ADM format: uint8 NHWC arr_0, labels arr_1) and grid.png (a row of
   samples per class)."""
   s = config.sample
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  params, step = load_sit_ema(config, workdir, mesh, s.checkpoint_step or None)
+  mesh = sharding.data_mesh()
+  params, step = load_sit_ema(config, workdir, mesh, s.checkpoint_step)
   out_dir = output_dir(config, workdir, step)
   (out_dir / "chunks").mkdir(parents=True, exist_ok=True)
   images, labels = generate_images(config, params, s.num_samples, make_sampler(config, mesh), out_dir / "chunks",

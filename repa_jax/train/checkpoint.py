@@ -19,8 +19,8 @@ def architecture(config: ml_collections.ConfigDict) -> dict:
   """The config fields that fix the parameter tree: a checkpoint only restores into a config with equal values."""
   fields = {"model": config.model.to_dict(), "data.latent_shape": config.data.latent_shape,
             "data.num_classes": config.data.num_classes,
-            "align.encoders": config.align.encoders if config.align.weight else (),
-            "align.projector_dim": config.align.projector_dim if config.align.weight else None}
+            "align.encoders": config.align.encoders,
+            "align.projector_dim": config.align.projector_dim if config.align.encoders else None}
   return json.loads(json.dumps(fields))  # tuples -> lists, as the checkpoint's JSON holds them
 
 
@@ -35,9 +35,9 @@ def check_architecture(saved: dict, config: ml_collections.ConfigDict, where: st
 
 def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   """An asynchronous manager over `<workdir>/checkpoints` keeping the newest config.train.keep_checkpoints
-  checkpoints, and every config.train.keep_every-th step for good (0: none)."""
+  checkpoints, and every config.train.keep_every-th step for good (None: none)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
-                                         keep_period=config.train.keep_every or None, enable_async_checkpointing=True)
+                                         keep_period=config.train.keep_every, enable_async_checkpointing=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 

@@ -1,18 +1,23 @@
 """The training loop: mesh -> state (fresh or restored) -> jitted sharded steps -> logs and checkpoints."""
 import json
 import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from tensorboardX import SummaryWriter
 
 from repa_jax.data.pipeline import FeatureBatches
 from repa_jax.data.synthetic import SyntheticBatches
-from repa_jax.evaluate.evaluate import make_periodic_evaluator
-from repa_jax.train import checkpoint, failures, sharding
+from repa_jax.specs import sharding
+from repa_jax.train import checkpoint, failures
 from repa_jax.train.state import abstract_state, init_state, make_optimizer
 from repa_jax.train.step import jit_train_step
+
+# EMA SiT parameters -> (metrics, uint8 image grid [H, W, 3]).
+Evaluator = Callable[[dict], tuple[dict, np.ndarray]]
 
 
 def make_batches(config: ml_collections.ConfigDict, batch_sharding):
@@ -33,8 +38,11 @@ def format_metrics(step: int, total_steps: int, metrics: dict, images_per_s: flo
           f"elapsed {elapsed_s:.0f} s, ETA {eta:.0f} s")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str, evaluator: Evaluator | None = None) -> dict:
   """Trains to config.train.steps, resuming from the newest checkpoint in `workdir`. Returns the final state.
+
+  evaluator: called on the EMA SiT parameters every config.evaluate.every_steps steps and at the end (built by the
+  entry point, e.g. `evaluate.make_periodic_evaluator`); its metrics go to TensorBoard and <workdir>/eval.jsonl.
 
   Stops early, after saving, when preempted (SIGTERM); raises FloatingPointError, without saving, on a non-finite
   loss term."""
@@ -61,8 +69,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # The jitted step: donated state, explicit shardings in and out.
   train_step = jit_train_step(config, mesh, state_sharding)
-
-  evaluator = make_periodic_evaluator(config, mesh) if config.evaluate.every_steps else None
 
   # The loop: logs every log_every steps (process 0 only), checkpoints every checkpoint_every steps, at the end and on
   # preemption. A step's metrics are checked for NaN/Inf once the next step is dispatched (so the host never stalls

@@ -6,6 +6,8 @@ import optax
 from flax import nnx
 
 from repa_jax.models.repa_sit import build_model
+from repa_jax.specs import rng
+from repa_jax.specs.model import model_spec
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -33,21 +35,14 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
       optax.adamw(learning_rate_schedule(config), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay))
 
 
-def _init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> dict:
-  _, params = nnx.split(build_model(config, config.seed))
+def new_state(params, tx: optax.GradientTransformation) -> dict:
+  """The state of a run that starts at step 0 from `params`: a fresh optimizer state, the EMA a copy of `params`."""
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-          "ema_params": jax.tree.map(jnp.copy, params)}  # the EMA starts as a copy of the parameters
+          "ema_params": jax.tree.map(jnp.copy, params)}
 
 
-def model_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
-  """The static structure that `nnx.merge(graphdef, params)` turns back into a RepaSiT."""
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(config, config.seed)))
-  return graphdef
-
-
-def abstract_params(config: ml_collections.ConfigDict):
-  """ShapeDtypeStructs of the model parameters (also the EMA's), without allocating them or any optimizer state."""
-  return jax.eval_shape(lambda: nnx.split(build_model(config, config.seed))[1])
+def _init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> dict:
+  return new_state(nnx.split(build_model(model_spec(config), rng.stream(config.seed, "init")))[1], tx)
 
 
 def abstract_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):

@@ -8,14 +8,11 @@ from flax import nnx
 from repa_jax.objectives.alignment import alignment_loss
 from repa_jax.objectives.dispersive import dispersive_loss
 from repa_jax.objectives.flow import flow_loss, interpolate, sample_time
-from repa_jax.models.repa_sit import sit_spec
-from repa_jax.train import sharding
-from repa_jax.train.state import ema_decay_schedule, learning_rate_schedule, make_optimizer, model_graphdef
-
-
-def dispersive_blocks(config: ml_collections.ConfigDict, depth: int) -> tuple[int, ...]:
-  """The 1-indexed blocks the dispersive term reads: config.disperse.blocks, or (depth // 4,) when empty."""
-  return tuple(config.disperse.blocks) or (max(depth // 4, 1),)
+from repa_jax.models.repa_sit import model_graphdef
+from repa_jax.specs import rng, sharding
+from repa_jax.specs.data import DatasetRequirement, check_encoder_features, dataset_requirement
+from repa_jax.specs.model import aligned_encoders, dispersive_blocks, model_spec, sit_spec
+from repa_jax.train.state import ema_decay_schedule, learning_rate_schedule, make_optimizer
 
 
 def sample_latents(key: jax.Array, batch: dict, latent_scale: float) -> jax.Array:
@@ -31,18 +28,14 @@ def drop_labels(key: jax.Array, labels: jax.Array, rate: float, num_classes: int
   return jnp.where(jax.random.uniform(key, labels.shape) < rate, num_classes, labels)
 
 
-def check_features(features: dict, encoders: dict[str, int], num_tokens: int, model_name: str) -> None:
-  """Refuse encoder features whose token count or width does not fit the SiT and its projectors (trace time)."""
-  for name, width in encoders.items():
+def check_features(features: dict, requirement: DatasetRequirement) -> None:
+  """Refuses a batch whose encoder features ([B, tokens, width] per encoder) do not fit the SiT and its projectors
+  (at trace time)."""
+  for name, _, _ in requirement.encoders:
     if name not in features:
       raise ValueError(f"the batch has no features of encoder {name!r} (config.align.encoders); it has {sorted(features)}")
-    _, tokens, feature_width = features[name].shape
-    if tokens != num_tokens:
-      raise ValueError(f"encoder {name!r} gives {tokens} tokens but SiT {model_name} has {num_tokens} tokens: use "
-                       f"features on the SiT token grid or change config.model.name's patch size")
-    if feature_width != width:
-      raise ValueError(f"encoder {name!r} features are {feature_width} wide but its projector outputs {width} "
-                       f"(config.align.encoders): set the width to {feature_width}")
+    _, tokens, width = features[name].shape
+    check_encoder_features(name, tokens, width, requirement, "the train batch")
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
@@ -56,16 +49,17 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
   ema_decay = ema_decay_schedule(config)
   spec = sit_spec(config)
   align, disperse = config.align, config.disperse
-  encoders = dict(align.encoders) if align.weight else {}
-  disperse_blocks = dispersive_blocks(config, spec.depth) if disperse.weight else ()
-  hidden_blocks = tuple(sorted(set(disperse_blocks) | ({align.block} if align.weight else set())))
-  base_key = jax.random.key(config.seed)
+  requirement = dataset_requirement(config)
+  encoders = aligned_encoders(config)
+  disperse_blocks = dispersive_blocks(config)
+  hidden_blocks = tuple(sorted(set(disperse_blocks) | ({align.block} if encoders else set())))
+  train_key = rng.stream(config.seed, "train")
 
   def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
     if encoders:
-      check_features(batch["features"], encoders, spec.num_tokens, config.model.name)
+      check_features(batch["features"], requirement)
 
-    latent_key, drop_key, time_key, noise_key = jax.random.split(jax.random.fold_in(base_key, state["step"]), 4)
+    latent_key, drop_key, time_key, noise_key = jax.random.split(jax.random.fold_in(train_key, state["step"]), 4)
     x = sample_latents(latent_key, batch, config.data.latent_scale)
     y = drop_labels(drop_key, batch["label"], config.train.label_dropout, spec.num_classes)
     t = sample_time(time_key, x.shape[0], config.flow.time_sampler, config.flow.path)
@@ -82,7 +76,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
             projected, [batch["features"][name] for name in encoders], objective=align.objective,
             temperature=align.temperature)
         total = total + align.weight * terms["align"]
-      if disperse.weight:
+      if disperse_blocks:
         terms["disperse"] = jnp.mean(jnp.stack([
             dispersive_loss(hiddens[k], variant=disperse.variant, temperature=disperse.temperature,
                             group_size=disperse.group_size, margin=disperse.margin) for k in disperse_blocks]))
@@ -91,6 +85,9 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    if not encoders:  # projectors without their term (align.weight 0) stay as they are, whatever Adam's momentum
+      updates = jax.tree_util.tree_map_with_path(
+          lambda path, u: jnp.zeros_like(u) if path[0].key == "projectors" else u, updates)
     params = optax.apply_updates(state["params"], updates)
     decay = ema_decay(state["step"])
     ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema_params"], params)
@@ -103,5 +100,5 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
 def jit_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, state_sharding):
   """`make_train_step` under jax.jit: explicit shardings in and out (batch over all mesh axes), state donated."""
   batch_sharding = sharding.batch_sharding(mesh)
-  return jax.jit(make_train_step(config, model_graphdef(config)), in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  step = make_train_step(config, model_graphdef(model_spec(config)))
+  return jax.jit(step, in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)

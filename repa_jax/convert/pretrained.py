@@ -9,34 +9,19 @@
 """
 import dataclasses
 import os
-from collections.abc import Callable
-from typing import Any, NamedTuple
 
-import jax
 import ml_collections
-from flax import nnx
 
 from repa_jax.convert.dinov2 import load_pretrained
 from repa_jax.convert.inception import load_inception
 from repa_jax.convert.sd_vae import load_sd_vae
 from repa_jax.models import dinov2, inception, sd_vae
+from repa_jax.models.network import Network, as_network
 
 SD_VAES = ("sd-vae-ft-mse", "sd-vae-ft-ema")
 _HF_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
 INCEPTION_SOURCE = ("pytorch-fid's pt_inception-2015-12-05-6726825d.pth (https://github.com/mseitzer/pytorch-fid/"
                     "releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth)")
-
-
-class Network(NamedTuple):
-  """`apply(params, inputs) -> outputs`, with its parameters as a separate pytree (jit arguments)."""
-  apply: Callable[[Any, jax.Array], Any]
-  params: Any
-
-
-def as_network(model: nnx.Module, fn: Callable[[nnx.Module, jax.Array], Any]) -> Network:
-  """The Network of `fn(model, inputs)`: the model split into its graph and its state (the params)."""
-  graphdef, state = nnx.split(model)
-  return Network(lambda state, inputs: fn(nnx.merge(graphdef, state), inputs), state)
 
 
 def weights_file(path: str, field: str, source: str) -> str:

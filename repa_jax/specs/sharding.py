@@ -1,4 +1,6 @@
-"""The device mesh, FSDP shardings for the state and the data sharding for batches."""
+"""The one mesh convention of the project, axes ('data', 'fsdp'), and where arrays lie on it: FSDP shardings for the
+state, the batch split over every axis, replicated weights. Train, sample, precompute and evaluate all build their mesh
+here."""
 import math
 from collections.abc import Sequence
 
@@ -6,6 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+AXES = ("data", "fsdp")
 FSDP_AXIS = "fsdp"
 MIN_SHARDED_SIZE = 2**14  # arrays smaller than this (biases, norms, scalars) are replicated
 
@@ -27,6 +30,11 @@ def make_mesh(axes: Sequence[str], shape: Sequence[int], devices=None) -> Mesh:
     raise ValueError(f"config.mesh.shape {tuple(shape)} needs {math.prod(shape)} devices, but {len(devices)} exist: "
                      f"set config.mesh.shape to multiply to {len(devices)} (or use -1 for one axis)")
   return Mesh(np.asarray(devices).reshape(shape), tuple(axes))
+
+
+def data_mesh(devices=None) -> Mesh:
+  """The mesh of pure data parallelism over `devices` (default: all), for sampling and precompute."""
+  return make_mesh(AXES, (-1, 1), devices)
 
 
 def fsdp_spec(shape: Sequence[int], fsdp_size: int) -> P:

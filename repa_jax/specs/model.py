@@ -1,0 +1,95 @@
+"""The model a config describes: the SiT's shape, the REPA projectors beside it, the blocks the regularisers read."""
+import dataclasses
+
+import jax.numpy as jnp
+import ml_collections
+
+# size -> (depth, width, heads), as in the official SiT.
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+PATCH_SIZES = (1, 2, 4, 8)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class SiTSpec:
+  """Everything that fixes a SiT's parameter shapes."""
+  input_size: tuple[int, int]  # (H, W) of the latent / image
+  in_channels: int
+  num_classes: int
+  patch: int
+  depth: int
+  width: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return self.input_size[0] // self.patch, self.input_size[1] // self.patch
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid[0] * self.grid[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """The trained model: the SiT, one REPA projector per aligned encoder (name, feature width), its hidden width, and
+  the compute dtype ('float32' | 'bfloat16'). The projectors exist iff `encoders` is non-empty, whatever the loss
+  weights: a weight only scales its term."""
+  sit: SiTSpec
+  encoders: tuple[tuple[str, int], ...]
+  projector_dim: int
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.dtype not in DTYPES:
+      raise ValueError(f"config.model.dtype={self.dtype!r}: use one of {sorted(DTYPES)}")
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+
+def spec_from_name(name: str, *, input_size, in_channels: int, num_classes: int, depth: int | None = None,
+                   width: int | None = None, num_heads: int | None = None) -> SiTSpec:
+  """'XL/2' -> SiTSpec; depth/width/num_heads, when given (not None), override the named size."""
+  size, _, patch = name.partition("/")
+  if size not in SIZES or not patch.isdigit() or int(patch) not in PATCH_SIZES:
+    raise ValueError(f"config.model.name={name!r} is not a SiT model: use <size>/<patch> with size in "
+                     f"{sorted(SIZES)} and patch in {PATCH_SIZES}, e.g. 'XL/2'")
+  named_depth, named_width, named_heads = SIZES[size]
+  h, w = input_size
+  if h % int(patch) or w % int(patch):
+    raise ValueError(f"input size {h}x{w} is not divisible by the patch size {patch} of config.model.name={name!r}")
+  pick = lambda value, named: named if value is None else value
+  return SiTSpec(input_size=(h, w), in_channels=in_channels, num_classes=num_classes, patch=int(patch),
+                 depth=pick(depth, named_depth), width=pick(width, named_width),
+                 num_heads=pick(num_heads, named_heads))
+
+
+def sit_spec(config: ml_collections.ConfigDict) -> SiTSpec:
+  """The SiT shape implied by config.model and config.data."""
+  m, shape = config.model, tuple(config.data.latent_shape)
+  return spec_from_name(m.name, input_size=shape[:2], in_channels=shape[2], num_classes=config.data.num_classes,
+                        depth=m.depth, width=m.width, num_heads=m.num_heads)
+
+
+def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
+  """The model of a config: its SiT and a projector for each of config.align.encoders."""
+  return ModelSpec(sit=sit_spec(config), encoders=tuple((str(n), int(w)) for n, w in config.align.encoders),
+                   projector_dim=config.align.projector_dim, dtype=config.model.dtype)
+
+
+def aligned_encoders(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """{encoder name: feature width} whose REPA term the train step computes: config.align.encoders while
+  config.align.weight is not 0, else none (the projectors stay in the parameter tree, untrained)."""
+  return dict(config.align.encoders) if config.align.weight else {}
+
+
+def dispersive_blocks(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The 1-indexed blocks the dispersive term reads (none while config.disperse.weight is 0): config.disperse.blocks,
+  or (depth // 4,) when it is None."""
+  if not config.disperse.weight:
+    return ()
+  blocks = config.disperse.blocks
+  return tuple(blocks) if blocks is not None else (max(sit_spec(config).depth // 4, 1),)
