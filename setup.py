@@ -27,7 +27,7 @@ setuptools.setup(
     extras_require={
         "tpu": ["jax[tpu]==0.10.2"],
         "test": ["pytest", "pytest-xdist"],
-        "study": ["matplotlib"],
+        "study": ["matplotlib", "scipy"],
         # Parity tests of the DINOv2 / SD-VAE / Inception ports against their PyTorch references. torch 2.14.1 +
         # torchvision 0.29.1 is the pair that installs together here (pytorch-fid imports torchvision).
         "parity": ["torch==2.14.1", "torchvision==0.29.1", "transformers==5.23.0", "diffusers==0.42.1",

@@ -1,72 +1,161 @@
-"""Baseline vs REPA vs Dispersive vs both on Fashion-MNIST, at equal steps and otherwise identical settings.
+"""The Fashion-MNIST study: none / REPA / Dispersive / both at the main job's recipe, over seeds, FD against steps.
 
-  python benchmarks/fashion_mnist_study.py --workdir=workdir/study [--steps=400 --eval_every=100 --eval_samples=512]
+  pip install -e ".[study]"   # matplotlib, scipy
+  python benchmarks/fashion_mnist_study.py --workdir=workdir/study --disperse_grid   # 1. tune λ, τ (one seed)
+  python benchmarks/fashion_mnist_study.py --workdir=workdir/study                   # 2. the arms over --seeds
 
-Trains configs/fashion_mnist.py:reg=<r> for each regulariser (the feature dataset must exist: `make run` or
---mode=precompute builds it), evaluates the EMA model's FD every --eval_every steps (in-training evaluation: class-
-balanced samples vs the test split, with the project's own Fashion-MNIST classifier), then writes
-<workdir>/study.png (FD against steps) and <workdir>/study.md (the table).
+Each run trains configs/fashion_mnist.py:reg=<arm> with --seeds' seed (init, data order, noise) for --steps and
+evaluates its EMA model every --eval_every steps (in-training evaluation: --eval_samples class-balanced samples with
+the main job's sampler, scored by the project's CNN classifier against the test split, beside the real-data floor of
+as many real train images). The Dispersive Loss is first tuned for this scale (--disperse_grid: λ x τ of GRID on seed
+0 for --steps // 2 steps, scored once at the end); the arms 'disperse' and 'both' then use the grid's best. Results:
+<workdir>/study.md (mean +- std per arm and step, Welch's t-test of each arm against none, steps to reach the FD that
+none reaches at the end, wall time per step) and <workdir>/study.png. Runs resume and finished runs are kept
+(<workdir>/<run>/result.json). The feature dataset and the classifier must exist (`make run` builds both).
 """
 import json
+import os
 import pathlib
 import sys
+import time
 
+import matplotlib
+import numpy as np
+import scipy.stats
 from absl import app, flags
 from etils import epath
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repository root, for configs/
 from configs import fashion_mnist  # noqa: E402
-from repa_jax.train.loop import train
+from repa_jax.evaluate.evaluate import periodic_evaluator  # noqa: E402
+from repa_jax.train.loop import train  # noqa: E402
 
-REGULARIZERS = ("none", "repa", "disperse", "both")
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ARMS = ("none", "repa", "disperse", "both")
+GRID = tuple((weight, temperature) for weight in (0.1, 0.25, 0.5) for temperature in (0.5, 1.0))
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/study", "Where each run and the results go.")
-_STEPS = flags.DEFINE_integer("steps", 400, "Training steps of every run.")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 100, "Evaluate FD every this many steps.")
-_EVAL_SAMPLES = flags.DEFINE_integer("eval_samples", 512, "Samples per evaluation.")
+_STEPS = flags.DEFINE_integer("steps", 600, "Training steps of every run (the grid: half of it).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every arm.")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 150, "Evaluate every this many steps.")
+_EVAL_SAMPLES = flags.DEFINE_integer("eval_samples", 500, "Samples per evaluation.")
+_GRID = flags.DEFINE_bool("disperse_grid", False, "Run the Dispersive Loss grid instead of the arms.")
 
 
-def read_evals(workdir: epath.Path) -> list[dict]:
-  return [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
+def run_config(arm: str, seed: int, steps: int, eval_every: int, disperse: tuple[float, float] | None):
+  """configs/fashion_mnist.py:reg=<arm> for `steps` with seed `seed`, evaluated every `eval_every` steps; `disperse`:
+  (λ, τ) of the dispersive term."""
+  config = fashion_mnist.get_config(f"reg={arm}")
+  config.seed = seed
+  config.train.update(steps=steps, checkpoint_every=steps)
+  config.evaluate.update(every_steps=eval_every, num_samples=_EVAL_SAMPLES.value, batch_size=100)
+  if disperse and arm in ("disperse", "both"):
+    config.disperse.update(weight=disperse[0], temperature=disperse[1])
+  return config
+
+
+def run(name: str, config) -> dict:
+  """Trains one run (or reads its result.json): its evaluations, training wall time without them, load averages."""
+  workdir = epath.Path(_WORKDIR.value) / name
+  if (workdir / "result.json").exists():
+    return json.loads((workdir / "result.json").read_text())
+  evaluate, eval_seconds = periodic_evaluator(config), []
+
+  def timed(params):
+    start = time.time()
+    out = evaluate(params)
+    eval_seconds.append(time.time() - start)
+    return out
+
+  load_before, start = os.getloadavg()[0], time.time()
+  print(f"== {name} (load {load_before:.2f})", flush=True)
+  train(config, str(workdir), timed)
+  train_s = time.time() - start - sum(eval_seconds)
+  evals = [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
+  result = {"name": name, "evals": evals, "train_s": train_s, "s_per_step": train_s / config.train.steps,
+            "load_before": load_before, "load_after": os.getloadavg()[0]}
+  (workdir / "result.json").write_text(json.dumps(result))
+  return result
+
+
+def grid() -> tuple[float, float]:
+  """Runs GRID on seed 0 for --steps // 2 steps; writes <workdir>/grid.md; returns the (λ, τ) of the lowest FD."""
+  steps = _STEPS.value // 2
+  results = {(w, t): run(f"grid_w{w}_t{t}", run_config("disperse", 0, steps, steps, (w, t)))["evals"][-1]
+             for w, t in GRID}
+  lines = [f"Dispersive Loss (infonce_l2, block 1, groups of 16) on seed 0, {steps} steps of batch 32, "
+           f"{_EVAL_SAMPLES.value} samples:\n", "| λ | τ | FD (floor) | class acc. |", "|---|---|---|---|"]
+  lines += [f"| {w} | {t} | {e['fid']:.2f} ({e['floor_fid']:.2f}) | {e['class_accuracy']:.3f} |"
+            for (w, t), e in results.items()]
+  (epath.Path(_WORKDIR.value) / "grid.md").write_text("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  return min(results, key=lambda k: results[k]["fid"])
+
+
+def steps_to(evals: list[dict], fd: float) -> int | None:
+  """The first evaluated step whose FD is <= fd (None: not reached)."""
+  return next((e["step"] for e in evals if e["fid"] <= fd), None)
+
+
+def report(results: dict[str, list[dict]], disperse: tuple[float, float]) -> str:
+  """The study's tables: FD mean +- std per arm and step, end-of-run class accuracy, tests against none, steps to
+  none's final FD, wall time per step."""
+  steps = [e["step"] for e in results["none"][0]["evals"]]
+  fd = {arm: np.array([[e["fid"] for e in r["evals"]] for r in runs]) for arm, runs in results.items()}
+  acc = {arm: np.array([r["evals"][-1]["class_accuracy"] for r in runs]) for arm, runs in results.items()}
+  target = fd["none"][:, -1].mean()
+  floor = results["none"][0]["evals"][-1]
+  lines = [f"{len(_SEEDS.value)} seeds per arm, batch 32, {_EVAL_SAMPLES.value} samples per evaluation (real-data "
+           f"floor: FD {floor['floor_fid']:.2f}, classifier accuracy {floor['floor_class_accuracy']:.3f}); "
+           f"Dispersive λ = {disperse[0]}, τ = {disperse[1]} (the grid's best).\n",
+           "| arm | " + " | ".join(f"FD @ {s}" for s in steps) + " | class acc. @ end | steps to FD "
+           f"{target:.1f} (none's end) | s / step | load avg |", "|---" * (len(steps) + 5) + "|"]
+  for arm, runs in results.items():
+    reach = [steps_to(r["evals"], target) for r in runs]
+    lines.append(f"| {arm} | " + " | ".join(f"{m:.1f} +- {s:.1f}" for m, s in zip(fd[arm].mean(0),
+                                                                              fd[arm].std(0, ddof=1))) +
+                 f" | {acc[arm].mean():.3f} +- {acc[arm].std(ddof=1):.3f} | {reach} | "
+                 f"{np.mean([r['s_per_step'] for r in runs]):.3f} | "
+                 f"{min(r['load_before'] for r in runs):.1f}-{max(r['load_after'] for r in runs):.1f} |")
+  lines.append("")
+  for arm in results:
+    if arm == "none":
+      continue
+    for metric, values in (("FD at the end", {a: v[:, -1] for a, v in fd.items()}), ("class accuracy", acc)):
+      test = scipy.stats.ttest_ind(values[arm], values["none"], equal_var=False)
+      verdict = "significant" if test.pvalue < 0.05 else "not significant"
+      lines.append(f"- {arm} vs none, {metric}: {values[arm].mean():.3f} vs {values['none'].mean():.3f}, Welch's "
+                   f"t = {test.statistic:.2f}, p = {test.pvalue:.3f}: {verdict} at 0.05.")
+  return "\n".join(lines)
 
 
 def plot(results: dict[str, list[dict]], path: epath.Path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4))
-  for reg, evals in results.items():
-    ax.plot([e["step"] for e in evals], [e["fid"] for e in evals], marker="o", label=reg)
-  ax.set(xlabel="training step", ylabel="FD (classifier features, test split)", yscale="log",
-         title="SiT on Fashion-MNIST: FD of EMA samples")
+  for arm, runs in results.items():
+    steps = [e["step"] for e in runs[0]["evals"]]
+    fd = np.array([[e["fid"] for e in r["evals"]] for r in runs])
+    ax.errorbar(steps, fd.mean(0), yerr=fd.std(0, ddof=1), marker="o", capsize=3, label=arm)
+  ax.set(xlabel="training step (batch 32)", ylabel="FD (CNN features vs test split)", yscale="log",
+         title=f"SiT-S/4 on Fashion-MNIST, mean +- std over {len(next(iter(results.values())))} seeds")
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
 
-def table(results: dict[str, list[dict]]) -> str:
-  steps = [e["step"] for e in next(iter(results.values()))]
-  lines = ["| regulariser | " + " | ".join(f"FD @ {s}" for s in steps) + " | class acc. (last) | IS (last) |",
-           "|---" * (len(steps) + 3) + "|"]
-  for reg, evals in results.items():
-    lines.append(f"| {reg} | " + " | ".join(f"{e['fid']:.2f}" for e in evals) +
-                 f" | {evals[-1]['class_accuracy']:.3f} | {evals[-1]['inception_score']:.2f} |")
-  return "\n".join(lines)
-
-
 def main(argv):
   del argv
   root = epath.Path(_WORKDIR.value)
-  results = {}
-  for reg in REGULARIZERS:
-    config = fashion_mnist.get_config(f"reg={reg}")
-    config.train.steps = _STEPS.value
-    config.evaluate.update(every_steps=_EVAL_EVERY.value, num_samples=_EVAL_SAMPLES.value)
-    print(f"== {reg} ==", flush=True)
-    train(config, str(root / reg))
-    results[reg] = read_evals(root / reg)
+  root.mkdir(parents=True, exist_ok=True)
+  disperse = grid()
+  if _GRID.value:
+    return
+  results = {arm: [run(f"{arm}_seed{seed}", run_config(arm, int(seed), _STEPS.value, _EVAL_EVERY.value, disperse))
+                   for seed in _SEEDS.value] for arm in ARMS}
+  text = report(results, disperse)
+  (root / "study.md").write_text(text + "\n")
   plot(results, root / "study.png")
-  (root / "study.md").write_text(table(results) + "\n")
-  print(table(results))
+  print(text)
 
 
 if __name__ == "__main__":

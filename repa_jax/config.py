@@ -19,7 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
   # the term (0: not computed, the projectors stay in the parameter tree); block is 1-indexed (REPA's encoder_depth).
   c.align = dict(weight=0.5, block=8, encoders=(("dinov2_vitb14", 768),), projector_dim=2048, objective="cosine",
                  temperature=0.1)
-  # weight 0 switches it off (see `select_regularizers`); blocks None = (depth // 4,); group_size 0 = the whole
+  # weight 0 switches it off (see `select_regularizers`); blocks None = (depth // 4,); group_size None = the whole
   # per-step batch.
   c.disperse = dict(weight=0.5, variant="infonce_l2", temperature=0.5, blocks=placeholder(tuple), group_size=16,
                     margin=1.0)

@@ -1,4 +1,4 @@
-"""REPA alignment objective vs float64 NumPy references written from REFERENCE.md section 1 ("Objective")."""
+"""REPA alignment objective vs float64 NumPy references written from docs/method.md section 2."""
 import chex
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Dispersive Loss vs float64 NumPy references written from REFERENCE.md section 2 (Dispersive Loss)."""
+"""Dispersive Loss vs float64 NumPy references written from docs/method.md section 3."""
 import functools
 import math
 

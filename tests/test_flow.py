@@ -1,4 +1,4 @@
-"""Flow-matching objective vs NumPy references written from REFERENCE.md section 1 ("Objective")."""
+"""Flow-matching objective vs NumPy references written from docs/method.md section 1."""
 import math
 
 import chex

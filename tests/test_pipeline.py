@@ -104,7 +104,7 @@ def test_a_dataset_of_another_shape_is_refused(dataset):
   config = config.copy_and_resolve_references()
   config.align.encoders = (("toy_encoder", 32),)
   mesh = sharding.make_mesh(("data", "fsdp"), (1, 1), jax.devices()[:1])
-  with pytest.raises(ValueError, match="encoder 'toy_encoder' width: dataset has 16, config expects 32"):
+  with pytest.raises(ValueError, match="encoder 'toy_encoder' features are 16 wide but config.align.encoders says 32"):
     FeatureBatches(config, sharding.batch_sharding(mesh))
   config.align.encoders = (("other", 16),)
   with pytest.raises(ValueError, match="no field feat_other"):

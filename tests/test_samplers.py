@@ -1,4 +1,4 @@
-"""Samplers vs NumPy references written from REFERENCE.md section 1 ("Sampling"), guidance, exact Gaussian flows."""
+"""Samplers vs NumPy references written from docs/method.md section 4, guidance, exact Gaussian flows."""
 import functools
 
 import chex

@@ -396,7 +396,7 @@ def check_spec(spec: FeatureSpec, requirement: DatasetRequirement) -> None:
     if name not in stored:
       raise ValueError(f"feature dataset has no field feat_{name}: encoder {name!r} is not among its encoders "
                        f"{list(stored)}. {_PRECOMPUTE_FIX}")
-    check_encoder_features(name, *stored[name], requirement, f"feature dataset ({_PRECOMPUTE_FIX})")
+    check_encoder_features(name, *stored[name], requirement, "feature dataset", _PRECOMPUTE_FIX)
   for field in ("autoencoder", "latent_shape", "latent_scale", "token_grid", "num_classes"):
     have, want = getattr(spec, field), getattr(requirement, field)
     if have != want:

@@ -1,4 +1,7 @@
-"""REPA: align projected SiT hidden states with frozen encoder patch features, per token."""
+"""REPA: align projected SiT hidden states with frozen encoder patch features, per token.
+
+The formulas and their sources: docs/method.md section 2.
+"""
 from collections.abc import Sequence
 
 import jax

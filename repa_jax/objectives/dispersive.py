@@ -1,4 +1,7 @@
-"""Dispersive Loss (Wang & He): spread a block's hidden states apart within groups of the batch, no positives."""
+"""Dispersive Loss (Wang & He): spread a block's hidden states apart within groups of the batch, no positives.
+
+The formulas and their sources: docs/method.md section 3.
+"""
 import math
 
 import jax
@@ -76,8 +79,8 @@ def dispersive_loss(hidden: jax.Array, *, variant: str = "infonce_l2", temperatu
   if variant not in per_group:
     raise ValueError(f"config.disperse.variant={variant!r}: use one of {VARIANTS}")
   batch = hidden.shape[0]
-  group_size = group_size or batch
-  if batch % group_size:
+  group_size = batch if group_size is None else group_size
+  if group_size < 1 or batch % group_size:
     raise ValueError(f"config.disperse.group_size={group_size} does not divide the per-step batch {batch}: "
                      f"choose a divisor of {batch}")
   groups = hidden.reshape(batch // group_size, group_size, -1)

@@ -1,4 +1,7 @@
-"""Flow matching: x_t = alpha_t x + sigma_t eps (t=0 data, t=1 noise), velocity target, time sampling, loss."""
+"""Flow matching: x_t = alpha_t x + sigma_t eps (t=0 data, t=1 noise), velocity target, time sampling, loss.
+
+The formulas and their sources: docs/method.md section 1.
+"""
 import jax
 import jax.numpy as jnp
 

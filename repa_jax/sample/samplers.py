@@ -9,6 +9,8 @@ Classifier-free guidance (``Guidance``): ``out = uncond + scale * (cond - uncond
 or to the drift (SDE), only while ``low <= t <= high``. All samples share t, so ``lax.cond`` on the scalar predicate
 picks a branch at run time: the branch with the doubled batch (labels, then ``null_class``) is executed only inside
 the interval, the plain branch only outside it.
+
+The formulas and their sources: docs/method.md section 4.
 """
 from typing import Callable, NamedTuple
 

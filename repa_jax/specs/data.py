@@ -28,17 +28,20 @@ def dataset_requirement(config: ml_collections.ConfigDict) -> DatasetRequirement
       encoders=tuple((name, spec.num_tokens, width) for name, width in aligned_encoders(config).items()))
 
 
-def check_encoder_features(name: str, tokens: int, width: int, requirement: DatasetRequirement, where: str) -> None:
+def check_encoder_features(name: str, tokens: int, width: int, requirement: DatasetRequirement, where: str,
+                           remedy: str = "") -> None:
   """Refuses features of encoder `name` ([tokens, width], found in `where`) that the requirement does not take: a
-  token count other than the SiT's grid, or a width other than the projector's (config.align.encoders)."""
+  token count other than the SiT's grid, or a width other than the projector's (config.align.encoders). The error
+  ends with `remedy`, where there is another fix than changing the config."""
+  def refuse(problem: str):
+    raise ValueError(f"{where}: encoder {name!r} {problem} {remedy}".rstrip())
+
   wanted = {n: (t, w) for n, t, w in requirement.encoders}
   if name not in wanted:
-    raise ValueError(f"{where}: encoder {name!r} is not among config.align.encoders {sorted(wanted)}")
+    refuse(f"is not among config.align.encoders {sorted(wanted)}.")
   want_tokens, want_width = wanted[name]
   if tokens != want_tokens:
-    raise ValueError(f"{where}: encoder {name!r} gives {tokens} tokens but the SiT's token grid "
-                     f"{requirement.token_grid} has {want_tokens}: use features on the SiT's token grid, or change "
-                     "config.model.name's patch size (or config.precompute.resolution)")
+    refuse(f"gives {tokens} tokens but the SiT's token grid {requirement.token_grid} has {want_tokens}: use features "
+           "on the SiT's token grid, or change config.model.name's patch size (or config.precompute.resolution).")
   if width != want_width:
-    raise ValueError(f"{where}: encoder {name!r} features are {width} wide but config.align.encoders says "
-                     f"{want_width}: set its width to {width}")
+    refuse(f"features are {width} wide but config.align.encoders says {want_width}: set its width to {width}.")
