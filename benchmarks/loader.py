@@ -29,8 +29,8 @@ from absl import app, flags
 from array_record.python import array_record_data_source, array_record_module
 
 from repa_jax.config import base_config
-from repa_jax.data.features import (FeatureSpec, finalize, open_features, pending_shards, shard_range, stored_fields,
-                                    write_shard)
+from repa_jax.data.feature_writer import finalize, pending_shards, shard_range, write_shard
+from repa_jax.data.features import FeatureSpec, open_features, stored_fields
 from repa_jax.data.pipeline import process_batches
 from repa_jax.specs.data import dataset_requirement
 from repa_jax.specs.model import sit_spec

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from repa_jax.data import features
+from repa_jax.data import feature_writer, features
 from repa_jax.specs.data import DatasetRequirement
 
 
@@ -45,9 +45,9 @@ def make_records(spec: features.FeatureSpec, ids) -> list[dict]:
 def write_all(directory, spec, split, num_examples, num_shards, process_count=1):
   """What every process of a precompute run does, one simulated process after another."""
   for process_index in range(process_count):
-    for shard in features.pending_shards(directory, split, num_shards, process_index, process_count):
-      ids = features.shard_range(num_examples, shard, num_shards)
-      features.write_shard(directory, spec, split, shard, num_shards, make_records(spec, ids))
+    for shard in feature_writer.pending_shards(directory, split, num_shards, process_index, process_count):
+      ids = feature_writer.shard_range(num_examples, shard, num_shards)
+      feature_writer.write_shard(directory, spec, split, shard, num_shards, make_records(spec, ids))
 
 
 def assert_bit_exact(source, spec, num_examples):
@@ -56,7 +56,7 @@ def assert_bit_exact(source, spec, num_examples):
   seen = []
   for index in range(num_examples):
     record = source[index]
-    expected = features.encode_record(spec, make_records(spec, [int(record["id"])])[0])
+    expected = feature_writer.encode_record(spec, make_records(spec, [int(record["id"])])[0])
     assert set(record) == set(features.stored_fields(spec))
     for name, (shape, dtype) in features.stored_fields(spec).items():
       value = np.asarray(record[name])
@@ -72,7 +72,7 @@ def test_round_trip_is_bit_exact(tmp_path, autoencoder, quantize):
   spec = make_spec(autoencoder=autoencoder, quantize=quantize)
   directory = tmp_path / "tiny_features" / "1.0.0"
   write_all(directory, spec, "train", num_examples=5, num_shards=1)
-  features.finalize(directory, "train", num_examples=5)
+  feature_writer.finalize(directory, "train", num_examples=5)
 
   source, read_spec = features.open_features(directory, "train")
   assert read_spec == spec
@@ -83,12 +83,12 @@ def test_round_trip_is_bit_exact(tmp_path, autoencoder, quantize):
 
 def test_two_processes_write_their_own_shards(tmp_path):
   spec = make_spec(quantize="int8")
-  assert features.pending_shards(tmp_path, "train", 2, process_index=0, process_count=2) == [0]
-  assert features.pending_shards(tmp_path, "train", 2, process_index=1, process_count=2) == [1]
+  assert feature_writer.pending_shards(tmp_path, "train", 2, process_index=0, process_count=2) == [0]
+  assert feature_writer.pending_shards(tmp_path, "train", 2, process_index=1, process_count=2) == [1]
   write_all(tmp_path, spec, "train", num_examples=7, num_shards=2, process_count=2)
   write_all(tmp_path, spec, "test", num_examples=3, num_shards=2, process_count=2)
-  features.finalize(tmp_path, "train", num_examples=7)
-  features.finalize(tmp_path, "test", num_examples=3)
+  feature_writer.finalize(tmp_path, "train", num_examples=7)
+  feature_writer.finalize(tmp_path, "test", num_examples=3)
 
   builder = tfds.builder_from_directory(tmp_path)
   assert builder.info.splits["train"].shard_lengths == [3, 4]
@@ -99,30 +99,30 @@ def test_two_processes_write_their_own_shards(tmp_path):
 
 def test_rerun_keeps_finished_shards_and_redoes_the_interrupted_one(tmp_path):
   spec = make_spec()
-  ids = features.shard_range(6, 1, 2)
-  features.write_shard(tmp_path, spec, "train", 0, 2, make_records(spec, features.shard_range(6, 0, 2)))
+  ids = feature_writer.shard_range(6, 1, 2)
+  feature_writer.write_shard(tmp_path, spec, "train", 0, 2, make_records(spec, feature_writer.shard_range(6, 0, 2)))
 
   def crashing_records():
     yield make_records(spec, ids)[0]
     raise RuntimeError("preempted")
 
   with pytest.raises(RuntimeError, match="preempted"):
-    features.write_shard(tmp_path, spec, "train", 1, 2, crashing_records())
-  assert features.pending_shards(tmp_path, "train", 2) == [1]
+    feature_writer.write_shard(tmp_path, spec, "train", 1, 2, crashing_records())
+  assert feature_writer.pending_shards(tmp_path, "train", 2) == [1]
   with pytest.raises(ValueError, match=r"shards \[1\] of 2 are not finished"):
-    features.finalize(tmp_path, "train", num_examples=6)
+    feature_writer.finalize(tmp_path, "train", num_examples=6)
 
   write_all(tmp_path, spec, "train", num_examples=6, num_shards=2)
-  assert features.pending_shards(tmp_path, "train", 2) == []
-  features.finalize(tmp_path, "train", num_examples=6)
+  assert feature_writer.pending_shards(tmp_path, "train", 2) == []
+  feature_writer.finalize(tmp_path, "train", num_examples=6)
   assert_bit_exact(features.open_features(tmp_path, "train")[0], spec, 6)
 
 
 def test_finalize_refuses_repeated_and_missing_ids(tmp_path):
   spec = make_spec()
-  features.write_shard(tmp_path, spec, "train", 0, 1, make_records(spec, [0, 1, 1]))
+  feature_writer.write_shard(tmp_path, spec, "train", 0, 1, make_records(spec, [0, 1, 1]))
   with pytest.raises(ValueError, match=r"exactly once.*1 ids missing \[2\], 1 repeated \[1\]"):
-    features.finalize(tmp_path, "train", num_examples=3)
+    feature_writer.finalize(tmp_path, "train", num_examples=3)
   with pytest.raises(FileNotFoundError, match="was not finalized"):
     features.open_features(tmp_path, "train")
 
@@ -172,11 +172,11 @@ def test_write_refuses_records_that_do_not_fit_the_spec(tmp_path):
   spec = make_spec()
   (record,) = make_records(spec, [0])
   with pytest.raises(ValueError, match=r"field feat_dino has shape \(4, 9\), the spec expects \(4, 8\)"):
-    features.write_shard(tmp_path, spec, "train", 0, 1, [record | {"feat_dino": np.zeros((4, 9))}])
+    feature_writer.write_shard(tmp_path, spec, "train", 0, 1, [record | {"feat_dino": np.zeros((4, 9))}])
   with pytest.raises(ValueError, match=r"fields \['feat_clip'\] missing"):
-    features.write_shard(tmp_path, spec, "train", 0, 1, [{k: v for k, v in record.items() if k != "feat_clip"}])
+    feature_writer.write_shard(tmp_path, spec, "train", 0, 1, [{k: v for k, v in record.items() if k != "feat_clip"}])
   with pytest.raises(ValueError, match="latent_scale: dataset has 0.18215, this run 1.0"):
-    features.write_shard(tmp_path, dataclasses.replace(spec, latent_scale=1.0), "train", 0, 1, [record])
+    feature_writer.write_shard(tmp_path, dataclasses.replace(spec, latent_scale=1.0), "train", 0, 1, [record])
 
 
 def test_open_features_names_a_missing_directory(tmp_path):

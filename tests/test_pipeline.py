@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from repa_jax.data import features
+from repa_jax.data import feature_writer, features
 from repa_jax.data.pipeline import FeatureBatches, process_batches
 from repa_jax.specs.data import dataset_requirement
 from repa_jax.specs import sharding
@@ -27,13 +27,13 @@ def write_dataset(directory, config, quantize="float16"):
                                 preprocessing="")
   (name, tokens, width), = spec.encoders
   for shard in range(2):
-    ids = features.shard_range(NUM_EXAMPLES, shard, 2)
+    ids = feature_writer.shard_range(NUM_EXAMPLES, shard, 2)
     rng = np.random.default_rng(shard)
     records = [{"id": i, "label": i % 10, "ae_mean": rng.normal(size=spec.latent_shape),
                 "ae_std": rng.uniform(0.1, 1, spec.latent_shape), f"feat_{name}": rng.normal(size=(tokens, width))}
                for i in ids]
-    features.write_shard(directory, spec, "train", shard, 2, records)
-  features.finalize(directory, "train", NUM_EXAMPLES)
+    feature_writer.write_shard(directory, spec, "train", shard, 2, records)
+  feature_writer.finalize(directory, "train", NUM_EXAMPLES)
   return features.open_features(directory, "train")[0]
 
 

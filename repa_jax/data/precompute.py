@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from repa_jax.convert import pretrained
-from repa_jax.data import encoder, features, sources
+from repa_jax.data import encoder, feature_writer, features, sources
 from repa_jax.models import dinov2
 from repa_jax.models.network import Network
 from repa_jax.specs import sharding
@@ -150,17 +150,17 @@ def precompute(config: ml_collections.ConfigDict) -> None:
     if None not in source.image_shape:
       image = jax.ShapeDtypeStruct((len(local_devices), *source.image_shape), jnp.uint8)
       check_output_shapes(config, spec, {k: v.shape for k, v in jax.eval_shape(compute, params, image).items()})
-    pending = features.pending_shards(config.data.directory, split, p.num_shards, jax.process_index(),
+    pending = feature_writer.pending_shards(config.data.directory, split, p.num_shards, jax.process_index(),
                                       jax.process_count())
-    total = sum(len(features.shard_range(len(source), s, p.num_shards)) for s in pending)
+    total = sum(len(feature_writer.shard_range(len(source), s, p.num_shards)) for s in pending)
     with (tqdm(total=total, desc=f"precompute {split}", unit="img", disable=jax.process_index() != 0) as progress,
           ThreadPoolExecutor(p.workers) as pool):
       for shard in pending:
-        ids = features.shard_range(len(source), shard, p.num_shards)
-        features.write_shard(config.data.directory, spec, split, shard, p.num_shards,
+        ids = feature_writer.shard_range(len(source), shard, p.num_shards)
+        feature_writer.write_shard(config.data.directory, spec, split, shard, p.num_shards,
                              shard_records(source, ids, functools.partial(compute, params), p.batch_size,
                                            len(local_devices), progress, pool))
     multihost_utils.sync_global_devices(f"precompute {split} written")
     if jax.process_index() == 0:
-      features.finalize(config.data.directory, split, len(source))
+      feature_writer.finalize(config.data.directory, split, len(source))
     multihost_utils.sync_global_devices(f"precompute {split} finalized")
