@@ -9,7 +9,7 @@ not copied from ImageNet: a short run wants a high learning rate after a warm-up
 """
 from repa_jax.config import base_config, parse_arg, select_regularizers
 
-ENCODER_WIDTH = 64  # the width of the 'fmnist_vit' encoder (repa_jax.data.encoder.EncoderConfig().width)
+ENCODER_WIDTH = 64  # the width of the 'fmnist_vit' encoder (repa_jax.models.supervised.EncoderConfig().width)
 
 
 def get_config(arg=None):

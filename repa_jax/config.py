@@ -36,18 +36,20 @@ def base_config() -> ml_collections.ConfigDict:
   # --mode=evaluate and in-training evaluation (every_steps None = off; its sampler: sampler, steps, cfg_scale,
   # guidance_low/high). feature_network 'fashion_mnist_classifier' (a CNN trained for classifier_steps, against the
   # real split `split`) or 'inception' (pytorch-fid's weights file inception_weights, against the ADM reference batch
-  # .npz reference_npz). floor_split: the real images of config.precompute.source whose metrics are the floor ('': none).
-  c.evaluate = dict(split="test", every_steps=placeholder(int), num_samples=1000, batch_size=200, sampler="euler", steps=50,
-                    cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, feature_network="fashion_mnist_classifier",
-                    classifier_steps=1875, floor_split="train", inception_weights="", reference_npz="")
-  # --mode=precompute: images of `source` ('fashion_mnist' | 'image_folder' | 'tfds:<name>') -> config.data.directory.
+  # .npz reference_npz). floor_split: the real images of config.precompute.source whose metrics are the floor
+  # ('': none).
+  c.evaluate = dict(split="test", every_steps=placeholder(int), num_samples=1000, batch_size=200, sampler="euler",
+                    steps=50, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
+                    feature_network="fashion_mnist_classifier", classifier_steps=1875, floor_split="train", inception_weights="", reference_npz="")
+  # --mode=precompute: images of `source` ('fashion_mnist' | 'image_folder' | 'tfds:<name>') -> config.data.directory;
+  # resolution: the ADM centre crop's size (None: the images as stored; image_folder needs one).
   # limit: use only the first `limit` images of each split (None = all); encoder_dir, encoder_steps: the
-  # project-trained encoders' cache and training steps (None = their default); autoencoder_weights: the SD-VAE .safetensors;
-  # encoder_weights: {DINOv2 name: .pth / .safetensors}; encoder_specs: {DINOv2 name: DinoV2Spec fields replacing its
-  # preset's} (tests); workers: threads decoding and cropping images ahead of the devices.
-  c.precompute = dict(source="fashion_mnist", source_dir="", resolution=0, splits=("train",), limit=placeholder(int), num_shards=8,
-                      batch_size=256, workers=16, quantize="float16", encoder_dir="data/encoders", encoder_steps=placeholder(int),
-                      autoencoder_weights="", encoder_weights={}, encoder_specs={})
+  # project-trained encoders' cache and training steps (None = their default); autoencoder_weights: the SD-VAE
+  # .safetensors; encoder_weights: {DINOv2 name: .pth / .safetensors}; encoder_specs: {DINOv2 name: DinoV2Spec fields
+  # replacing its preset's} (tests); workers: threads decoding and cropping images ahead of the devices.
+  c.precompute = dict(source="fashion_mnist", source_dir="", resolution=placeholder(int), splits=("train",),
+                      limit=placeholder(int), num_shards=8, batch_size=256, workers=16, quantize="float16", encoder_dir="data/encoders",
+                      encoder_steps=placeholder(int), autoencoder_weights="", encoder_weights={}, encoder_specs={})
   return c
 
 

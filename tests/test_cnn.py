@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from repa_jax.data import encoder
+from repa_jax.models import supervised as encoder
 from repa_jax.models.cnn import CNN, CNNSpec
 from tests.test_vit_encoder import generated_images
 
@@ -67,8 +67,8 @@ def test_bad_specs_and_inputs_name_the_field():
 
 def test_cnn_trains_and_its_cache_round_trips(tmp_path, monkeypatch):
   images, labels = generated_images(256)
-  monkeypatch.setattr(encoder, "fashion_mnist_arrays", lambda split, directory: (images, labels))
-  encode, info = encoder.load_or_train_encoder(tmp_path, TINY_CNN, name="cnn", log_every=0)
+  encode, info = encoder.load_or_train_encoder(tmp_path, TINY_CNN, name="cnn", load_split=lambda split: (images, labels),
+                                              log_every=0)
   assert info["tokens"] == 49 and info["token_grid"] == [7, 7] and info["width"] == 8
   assert info["test_accuracy"] > 0.9  # the two classes differ by where a bright square is
   out = encode(images[:5])
@@ -77,6 +77,6 @@ def test_cnn_trains_and_its_cache_round_trips(tmp_path, monkeypatch):
   chex.assert_shape(out["logits"], (5, 10))
 
   monkeypatch.setattr(encoder, "train_encoder", lambda *a, **k: pytest.fail("the cached CNN was retrained"))
-  encode_again, info_again = encoder.load_or_train_encoder(tmp_path, TINY_CNN, name="cnn")
+  encode_again, info_again = encoder.load_or_train_encoder(tmp_path, TINY_CNN, name="cnn", load_split=None)
   assert info_again == info
   np.testing.assert_array_equal(encode_again(images[:5])["logits"], out["logits"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from repa_jax.data import encoder
+from repa_jax.models import supervised as encoder
 from repa_jax.models.vit import ViT, ViTSpec
 
 TINY = encoder.EncoderConfig(width=32, depth=1, num_heads=2, mlp_ratio=2.0, steps=8, batch=32, lr=3e-3,
@@ -100,8 +100,8 @@ def test_training_reduces_the_loss_and_beats_chance():
 
 def test_cache_round_trip_loads_without_training(tmp_path, monkeypatch):
   images, labels = generated_images(64)
-  monkeypatch.setattr(encoder, "fashion_mnist_arrays", lambda split, directory: (images, labels))
-  encode, info = encoder.load_or_train_encoder(tmp_path, TINY, log_every=0)
+  encode, info = encoder.load_or_train_encoder(tmp_path, TINY, name="vit", load_split=lambda split: (images, labels),
+                                              log_every=0)
   assert info["tokens"] == 49 and info["token_grid"] == [7, 7] and info["width"] == 32
   assert 0 <= info["test_accuracy"] <= 1 and "255" in info["preprocessing"]
   out = encode(images[:5])
@@ -114,10 +114,10 @@ def test_cache_round_trip_loads_without_training(tmp_path, monkeypatch):
   def no_training(*args, **kwargs):
     raise AssertionError("the cached encoder was retrained")
   monkeypatch.setattr(encoder, "train_encoder", no_training)
-  encode_again, info_again = encoder.load_or_train_encoder(tmp_path, TINY)
+  encode_again, info_again = encoder.load_or_train_encoder(tmp_path, TINY, name="vit", load_split=None)
   assert info_again == info
   np.testing.assert_array_equal(encode_again(images[:5])["patch_tokens"], features)
   with pytest.raises(ValueError, match="delete"):
-    encoder.load_or_train_encoder(tmp_path, dataclasses.replace(TINY, width=64))
+    encoder.load_or_train_encoder(tmp_path, dataclasses.replace(TINY, width=64), name="vit", load_split=None)
   with pytest.raises(ValueError, match="uint8"):
     encode_again(images[:5].astype(np.float32))

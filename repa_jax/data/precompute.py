@@ -17,8 +17,8 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from repa_jax.convert import pretrained
-from repa_jax.data import encoder, feature_writer, features, sources
-from repa_jax.models import dinov2
+from repa_jax.data import feature_writer, features, sources
+from repa_jax.models import dinov2, supervised
 from repa_jax.models.network import Network
 from repa_jax.specs import sharding
 from repa_jax.specs.data import check_encoder_features, dataset_requirement
@@ -35,9 +35,12 @@ def image_source(config: ml_collections.ConfigDict, split: str) -> sources.Image
   if p.source == "fashion_mnist":
     source = sources.fashion_mnist(split, p.source_dir or sources.FASHION_MNIST_DIRECTORY)
   elif p.source == "image_folder":
+    if p.resolution is None:
+      raise ValueError("config.precompute.source='image_folder' needs config.precompute.resolution (the ADM centre "
+                       "crop's size, e.g. 256)")
     source = sources.image_folder(f"{p.source_dir}/{split}", p.resolution)
   elif p.source.startswith("tfds:"):
-    source = sources.tfds_images(p.source.removeprefix("tfds:"), split, p.source_dir or None, p.resolution or None)
+    source = sources.tfds_images(p.source.removeprefix("tfds:"), split, p.source_dir or None, p.resolution)
   else:
     raise ValueError(f"config.precompute.source={p.source!r}: use 'fashion_mnist', 'image_folder' or 'tfds:<name>'")
   if p.limit is not None and p.limit < len(source):
@@ -45,10 +48,17 @@ def image_source(config: ml_collections.ConfigDict, split: str) -> sources.Image
   return source
 
 
-def encoder_config(config: ml_collections.ConfigDict, **overrides) -> encoder.EncoderConfig:
+def encoder_config(config: ml_collections.ConfigDict, **overrides) -> supervised.EncoderConfig:
   """The training run of a project-trained encoder: the defaults, config.precompute.encoder_steps if set."""
   steps = {"steps": config.precompute.encoder_steps} if config.precompute.encoder_steps is not None else {}
-  return encoder.EncoderConfig(**steps, **overrides)
+  return supervised.EncoderConfig(**steps, **overrides)
+
+
+def fashion_mnist_splits(config: ml_collections.ConfigDict):
+  """`load_split(split) -> (uint8 images [N, 28, 28, 1], labels [N])` of Fashion-MNIST in config.precompute.source_dir
+  (default: the Debian package's directory), for the networks the project trains on it."""
+  return functools.partial(sources.fashion_mnist_arrays,
+                           directory=config.precompute.source_dir or sources.FASHION_MNIST_DIRECTORY)
 
 
 def load_encoder(name: str, config: ml_collections.ConfigDict) -> tuple[Network, dict]:
@@ -56,9 +66,8 @@ def load_encoder(name: str, config: ml_collections.ConfigDict) -> tuple[Network,
   'fmnist_vit' (project-trained, cached) or a DINOv2 ('dinov2_vit{s,b,l,g}14' or '..._reg'; weights from
   config.precompute.encoder_weights[name])."""
   if name == "fmnist_vit":
-    encode, info = encoder.load_or_train_encoder(config.precompute.encoder_dir, encoder_config(config), name=name,
-                                                 directory=config.precompute.source_dir or
-                                                 sources.FASHION_MNIST_DIRECTORY)
+    encode, info = supervised.load_or_train_encoder(config.precompute.encoder_dir, encoder_config(config), name=name,
+                                                    load_split=fashion_mnist_splits(config))
     return Network(lambda _, images: encode(images)["patch_tokens"], ()), info
   if name in dinov2.SPECS:
     network, spec = pretrained.dinov2_encoder(config, name)
@@ -138,7 +147,7 @@ def precompute(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"encoder {name!r} is {infos[name]['width']} wide but config.align.encoders says {width}: "
                        f"set it to {infos[name]['width']}")
   requirement = dataset_requirement(config)
-  crop = [f"ADM centre crop to {p.resolution} px"] if p.resolution else []
+  crop = [f"ADM centre crop to {p.resolution} px"] if p.resolution is not None else []
   spec = features.FeatureSpec(
       **dataclasses.asdict(requirement), quantize=p.quantize, source=f"{p.source} {p.source_dir}".strip(),
       preprocessing="; ".join(crop + [f"autoencoder {config.data.autoencoder}"] +

@@ -169,3 +169,10 @@ def _load_tfds_record(records, image_key: str, label_key: str, resolution: int |
   if resolution is not None:
     image = center_crop(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), resolution)
   return image, record[label_key]
+
+
+def fashion_mnist_arrays(split: str, directory: str = FASHION_MNIST_DIRECTORY) -> tuple[np.ndarray, np.ndarray]:
+  """uint8 [N, 28, 28, 1] images and int64 [N] labels of a Fashion-MNIST split."""
+  source = fashion_mnist(split, directory)
+  items = [source[i] for i in range(len(source))]
+  return np.stack([item["image"] for item in items]), np.array([item["label"] for item in items])

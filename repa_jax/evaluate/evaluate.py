@@ -20,10 +20,9 @@ import numpy as np
 from etils import epath
 
 from repa_jax.convert import pretrained
-from repa_jax.data import encoder
-from repa_jax.data.precompute import image_source
-from repa_jax.data.sources import FASHION_MNIST_DIRECTORY
+from repa_jax.data.precompute import fashion_mnist_splits, image_source
 from repa_jax.evaluate import metrics
+from repa_jax.models import supervised
 from repa_jax.sample.generate import class_grid, class_names, generate_images, make_sampler
 from repa_jax.specs import sharding
 
@@ -35,10 +34,10 @@ ADM_STATISTICS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # na
 ADM_IS_SPLIT_SIZE = 5000
 
 
-def classifier_config(config: ml_collections.ConfigDict) -> encoder.EncoderConfig:
+def classifier_config(config: ml_collections.ConfigDict) -> supervised.EncoderConfig:
   """The evaluation CNN and its training run: config.evaluate.classifier_steps of batch 128 (1875 = 4 epochs reach
   >= 91% on the test split, see docs/fashion_mnist_recipe.md)."""
-  return encoder.EncoderConfig(arch="cnn", stage_channels=(16, 32, 64), steps=config.evaluate.classifier_steps,
+  return supervised.EncoderConfig(arch="cnn", stage_channels=(16, 32, 64), steps=config.evaluate.classifier_steps,
                                batch=128, lr=3e-3, seed=CLASSIFIER_SEED)
 
 
@@ -55,9 +54,9 @@ def feature_network(config: ml_collections.ConfigDict):
   if config.precompute.source != "fashion_mnist":
     raise ValueError(f"config.evaluate.feature_network={CLASSIFIER!r} needs config.precompute.source='fashion_mnist' "
                      f"(got {config.precompute.source!r}): set config.evaluate.feature_network={INCEPTION!r}")
-  encode, info = encoder.load_or_train_encoder(
+  encode, info = supervised.load_or_train_encoder(
       config.precompute.encoder_dir, classifier_config(config), name="fashion_mnist_cnn",
-      directory=config.precompute.source_dir or FASHION_MNIST_DIRECTORY)
+      load_split=fashion_mnist_splits(config))
 
   def features(images):
     out = encode(images)

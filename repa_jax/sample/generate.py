@@ -2,7 +2,8 @@
 ADM-format .npz and a PNG grid.
 
 Deterministic for config.sample.seed whatever the device count (chunk i draws its noise from
-fold_in(rng.stream(seed, 'sample_noise'), i), the labels are drawn up front), and resumable: finished chunks are kept on disk and skipped by a re-run.
+fold_in(rng.stream(seed, 'sample_noise'), i), the labels are drawn up front), and resumable: finished chunks are kept
+on disk and skipped by a re-run.
 """
 import functools
 

@@ -33,7 +33,8 @@ def check_features(features: dict, requirement: DatasetRequirement) -> None:
   (at trace time)."""
   for name, _, _ in requirement.encoders:
     if name not in features:
-      raise ValueError(f"the batch has no features of encoder {name!r} (config.align.encoders); it has {sorted(features)}")
+      raise ValueError(f"the batch has no features of encoder {name!r} (config.align.encoders); it has "
+                       f"{sorted(features)}")
     _, tokens, width = features[name].shape
     check_encoder_features(name, tokens, width, requirement, "the train batch")
 
@@ -101,4 +102,5 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, s
   """`make_train_step` under jax.jit: explicit shardings in and out (batch over all mesh axes), state donated."""
   batch_sharding = sharding.batch_sharding(mesh)
   step = make_train_step(config, model_graphdef(model_spec(config)))
-  return jax.jit(step, in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)

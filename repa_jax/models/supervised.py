@@ -1,5 +1,5 @@
-"""The small supervised networks the project trains for Fashion-MNIST, cached in a directory (`params.npz` +
-`encoder.json`) and loaded from there afterwards:
+"""The small supervised networks the project trains for itself on Fashion-MNIST, cached in a directory (`params.npz`
++ `encoder.json`) and loaded from there afterwards (the images come from the caller: `load_split`):
 - the REPA target (arch 'vit'): a ViT whose final-LayerNorm patch tokens REPA aligns to. REPA aligns a SiT block with
   a frozen pretrained encoder (DINOv2-B on ImageNet); for the embedded dataset no such encoder can be downloaded.
 - the evaluation classifier (arch 'cnn', `models/cnn.py`): the feature network of FD and class accuracy.
@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,6 @@ import optax
 from etils import epath
 from flax import nnx
 
-from repa_jax.data.sources import FASHION_MNIST_DIRECTORY, fashion_mnist
 from repa_jax.models.cnn import CNN, CNNSpec
 from repa_jax.models.vit import ViT, ViTSpec
 
@@ -160,13 +160,6 @@ def evaluate_accuracy(spec: Spec, params: nnx.State, images: np.ndarray, labels:
   return correct / len(images)
 
 
-def fashion_mnist_arrays(split: str, directory: str = FASHION_MNIST_DIRECTORY) -> tuple[np.ndarray, np.ndarray]:
-  """uint8 [N, 28, 28, 1] images and int64 [N] labels of a Fashion-MNIST split."""
-  source = fashion_mnist(split, directory)
-  items = [source[i] for i in range(len(source))]
-  return np.stack([item["image"] for item in items]), np.array([item["label"] for item in items])
-
-
 def save_params(path: epath.PathLike, params: nnx.State) -> None:
   """Parameters as an .npz keyed by their tree paths."""
   flat = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
@@ -187,10 +180,10 @@ def load_params(path: epath.PathLike, spec: Spec) -> nnx.State:
     return jax.tree_util.tree_map_with_path(load, abstract)
 
 
-def load_or_train_encoder(cache_dir: epath.PathLike, config: EncoderConfig = EncoderConfig(), *,
-                          name: str = "fashion_mnist_vit", directory: str = FASHION_MNIST_DIRECTORY,
-                          log_every: int = 1000):
-  """(encode_fn, info) of the Fashion-MNIST encoder cached in `cache_dir/name`, trained there first if absent.
+def load_or_train_encoder(cache_dir: epath.PathLike, config: EncoderConfig, *, name: str,
+                          load_split: Callable[[str], tuple[np.ndarray, np.ndarray]], log_every: int = 1000):
+  """(encode_fn, info) of the Fashion-MNIST network cached in `cache_dir/name`, trained there first if absent on
+  `load_split('train')` (uint8 images [N, 28, 28, 1], int labels [N]) and scored on `load_split('test')`.
 
   encode_fn: uint8 [B, 28, 28, 1] -> {'patch_tokens': [B, 49, width], 'pooled': [B, D], 'logits': [B, 10]} float32.
   info: name, width, tokens, token_grid, test_accuracy, preprocessing, config, train_seconds.
@@ -206,11 +199,11 @@ def load_or_train_encoder(cache_dir: epath.PathLike, config: EncoderConfig = Enc
     spec = ARCHS[config.arch](**info["spec"])
     params = load_params(folder / PARAMS_FILE, spec)
   else:
-    images, labels = fashion_mnist_arrays("train", directory)
+    images, labels = load_split("train")
     start = time.time()
     spec, params = train_encoder(images, labels, config, num_classes=10, log_every=log_every)
     train_seconds = time.time() - start
-    test_images, test_labels = fashion_mnist_arrays("test", directory)
+    test_images, test_labels = load_split("test")
     info = {"name": name, "width": spec.width, "tokens": spec.num_tokens, "token_grid": list(spec.grid),
             "test_accuracy": evaluate_accuracy(spec, params, test_images, test_labels),
             "preprocessing": PREPROCESSING, "train_seconds": round(train_seconds, 1),
@@ -220,8 +213,3 @@ def load_or_train_encoder(cache_dir: epath.PathLike, config: EncoderConfig = Enc
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2))  # written last: its presence marks a full cache
     info = json.loads((folder / INFO_FILE).read_text())  # the same info a later call loads (lists, not tuples)
   return make_encode_fn(spec, params), info
-
-
-if __name__ == "__main__":  # python -m repa_jax.data.encoder <cache_dir>: train (or load) and print the info
-  import sys
-  print(json.dumps(load_or_train_encoder(sys.argv[1] if len(sys.argv) > 1 else "data/encoders")[1], indent=2))
