@@ -86,7 +86,7 @@ def row_config(overrides: dict, steps: int | None):
     section, _, field = name.rpartition(".")
     (config[section] if section else config)[field] = round(base_steps * value) if name == "train.steps" else value
   config.train.checkpoint_every = config.train.steps
-  config.evaluate.every_steps = 0
+  config.evaluate.every_steps = None
   config.sample.update(num_samples=_NUM_SAMPLES.value, **ROW_SAMPLER)
   return config
 

@@ -24,7 +24,7 @@ def get_config(arg=None):
   select_regularizers(c, args["reg"])
   c.train.update(batch_size=32, steps=1800, lr=4e-3, warmup_steps=100, ema_decay=0.999, ema_warmup=True,
                  log_every=100, checkpoint_every=900)
-  c.evaluate.update(every_steps=0, num_samples=1000, batch_size=200, sampler="euler", steps=25, cfg_scale=2.0)
+  c.evaluate.update(num_samples=1000, batch_size=200, sampler="euler", steps=25, cfg_scale=2.0)
   c.sample.update(sampler="euler", steps=25, cfg_scale=2.0, num_samples=1000, batch_size=200, labels="balanced")
   c.precompute.update(source="fashion_mnist", splits=("train", "test"), num_shards=4, encoder_dir="data/encoders",
                       encoder_steps=3000)

@@ -18,7 +18,7 @@ def small_fashion_mnist(tmp_path, directory):
   config.precompute.update(source_dir=directory, limit=200, splits=("train",), num_shards=3,
                            encoder_dir=str(tmp_path / "encoders"), encoder_steps=20, batch_size=64)
   config.train.update(batch_size=16, steps=4, log_every=2, checkpoint_every=2)
-  config.evaluate.every_steps = 0
+  config.evaluate.every_steps = None
   return config
 
 
