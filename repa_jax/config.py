@@ -40,7 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
   # ('': none).
   c.evaluate = dict(split="test", every_steps=placeholder(int), num_samples=1000, batch_size=200, sampler="euler",
                     steps=50, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
-                    feature_network="fashion_mnist_classifier", classifier_steps=1875, floor_split="train", inception_weights="", reference_npz="")
+                    feature_network="fashion_mnist_classifier", classifier_steps=1875, floor_split="train",
+                    inception_weights="", reference_npz="")
   # --mode=precompute: images of `source` ('fashion_mnist' | 'image_folder' | 'tfds:<name>') -> config.data.directory;
   # resolution: the ADM centre crop's size (None: the images as stored; image_folder needs one).
   # limit: use only the first `limit` images of each split (None = all); encoder_dir, encoder_steps: the
@@ -48,8 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   # .safetensors; encoder_weights: {DINOv2 name: .pth / .safetensors}; encoder_specs: {DINOv2 name: DinoV2Spec fields
   # replacing its preset's} (tests); workers: threads decoding and cropping images ahead of the devices.
   c.precompute = dict(source="fashion_mnist", source_dir="", resolution=placeholder(int), splits=("train",),
-                      limit=placeholder(int), num_shards=8, batch_size=256, workers=16, quantize="float16", encoder_dir="data/encoders",
-                      encoder_steps=placeholder(int), autoencoder_weights="", encoder_weights={}, encoder_specs={})
+                      limit=placeholder(int), num_shards=8, batch_size=256, workers=16, quantize="float16",
+                      encoder_dir="data/encoders", encoder_steps=placeholder(int), autoencoder_weights="",
+                      encoder_weights={}, encoder_specs={})
   return c
 
 
