@@ -5,7 +5,8 @@ width 128, 2 heads. REPA aligns block 2 to the project's own small ViT encoder (
 cached under config.precompute.encoder_dir); the dispersive term reads block depth // 4 = 1.
 
 The training recipe and the sampler were chosen by benchmarks/fashion_mnist_sweep.py (docs/fashion_mnist_recipe.md),
-not copied from ImageNet: a short run wants a high learning rate after a warm-up and an EMA whose decay warms up.
+not copied from ImageNet: a short run wants a high learning rate after a warm-up and an EMA whose decay warms up;
+its samples are best with REPA's kind of sampler, the SDE with guidance on t <= 0.7.
 """
 from repa_jax.config import base_config, parse_arg, select_regularizers
 
@@ -24,8 +25,10 @@ def get_config(arg=None):
   select_regularizers(c, args["reg"])
   c.train.update(batch_size=32, steps=1800, lr=4e-3, warmup_steps=100, ema_decay=0.999, ema_warmup=True,
                  log_every=100, checkpoint_every=900)
-  c.evaluate.update(num_samples=1000, batch_size=200, sampler="euler", steps=25, cfg_scale=2.0)
-  c.sample.update(sampler="euler", steps=25, cfg_scale=2.0, num_samples=1000, batch_size=200, labels="balanced")
+  # The main job's sampler (REPA's kind: SDE, guidance on t <= 0.7), also for in-training evaluation.
+  sampler = dict(sampler="sde", steps=50, cfg_scale=2.5, guidance_high=0.7)
+  c.evaluate.update(num_samples=1000, batch_size=200, **sampler)
+  c.sample.update(num_samples=1000, batch_size=200, labels="balanced", **sampler)
   c.precompute.update(source="fashion_mnist", splits=("train", "test"), num_shards=4, encoder_dir="data/encoders",
                       encoder_steps=3000)
   return c
