@@ -1,11 +1,15 @@
 """A non-finite loss stops the run naming the step and the term, keeping the last good checkpoint; an unusable
-workdir fails at start-up."""
+workdir fails at start-up, and so does a mode without the flags it needs."""
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import pytest
 
 from configs import tiny
 from repa_jax.data.synthetic import SyntheticBatches
 from repa_jax.train import failures, loop
+from tests.processes import ROOT
 
 
 class PoisonedBatches(SyntheticBatches):
@@ -41,3 +45,11 @@ def test_too_little_disk_space_fails_before_training(tmp_path, monkeypatch):
   with pytest.raises(OSError, match="GiB free, but the checkpoints kept at once need"):
     loop.train(tiny.get_config(), str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("mode, missing", [("train", "--workdir"), ("convert", "--workdir and --checkpoint")])
+def test_a_mode_without_the_flags_it_needs_is_refused(mode, missing):
+  result = subprocess.run([sys.executable, "-m", "repa_jax.main", f"--mode={mode}", "--config=configs/tiny.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert f"--mode={mode} needs {missing}" in result.stderr
