@@ -23,8 +23,8 @@ def get_config(arg=None):
   c.align.update(block=2, encoders=(("fmnist_vit", ENCODER_WIDTH),), projector_dim=256)
   c.disperse.update(group_size=16)
   select_regularizers(c, args["reg"])
-  c.train.update(batch_size=32, steps=1800, lr=4e-3, warmup_steps=100, ema_decay=0.999, ema_warmup=True,
-                 log_every=100, checkpoint_every=900)
+  c.train.update(batch_size=32, steps=1600, lr=4e-3, warmup_steps=100, ema_decay=0.999, ema_warmup=True,
+                 log_every=100, checkpoint_every=800)
   # The main job's sampler (REPA's kind: SDE, guidance on t <= 0.7), also for in-training evaluation.
   sampler = dict(sampler="sde", steps=50, cfg_scale=2.5, guidance_high=0.7)
   c.evaluate.update(num_samples=1000, batch_size=200, **sampler)
