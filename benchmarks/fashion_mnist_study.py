@@ -70,7 +70,8 @@ def run(name: str, config) -> dict:
 
   load_before, start = os.getloadavg()[0], time.time()
   print(f"== {name} (load {load_before:.2f})", flush=True)
-  train(config, str(workdir), timed)
+  if int(train(config, str(workdir), timed)["step"]) != config.train.steps:
+    raise SystemExit(f"{name}: training stopped early (preempted); re-run to resume")
   train_s = time.time() - start - sum(eval_seconds)
   evals = [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
   result = {"name": name, "evals": evals, "train_s": train_s, "s_per_step": train_s / config.train.steps,
