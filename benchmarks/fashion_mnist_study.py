@@ -6,9 +6,9 @@
 
 Each run trains configs/fashion_mnist.py:reg=<arm> with --seeds' seed (init, data order, noise) for --steps and
 evaluates its EMA model every --eval_every steps (in-training evaluation: --eval_samples class-balanced samples with
-the main job's sampler, scored by the project's CNN classifier against the test split, beside the real-data floor of
+EVAL_SAMPLER, scored by the project's CNN classifier against the test split, beside the real-data floor of
 as many real train images). The Dispersive Loss is first tuned for this scale (--disperse_grid: λ x τ of GRID on seed
-0 for --steps // 2 steps, scored once at the end); the arms 'disperse' and 'both' then use the grid's best. Results:
+0 for --grid_steps steps, scored once at the end); the arms 'disperse' and 'both' then use the grid's best. Results:
 <workdir>/study.md (mean +- std per arm and step, Welch's t-test of each arm against none, steps to reach the FD that
 none reaches at the end, wall time per step) and <workdir>/study.png. Runs resume and finished runs are kept
 (<workdir>/<run>/result.json). The feature dataset and the classifier must exist (`make run` builds both).
@@ -34,11 +34,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ARMS = ("none", "repa", "disperse", "both")
+# The study's evaluations: Euler 25 with CFG 2.0 on every step (50 model rows per sample, 0.6x the main job's SDE).
+EVAL_SAMPLER = {"sampler": "euler", "steps": 25, "cfg_scale": 2.0, "guidance_low": 0.0, "guidance_high": 1.0}
 GRID = tuple((weight, temperature) for weight in (0.1, 0.25, 0.5) for temperature in (0.5, 1.0))
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/study", "Where each run and the results go.")
-_STEPS = flags.DEFINE_integer("steps", 600, "Training steps of every run (the grid: half of it).")
+_STEPS = flags.DEFINE_integer("steps", 400, "Training steps of every run.")
+_GRID_STEPS = flags.DEFINE_integer("grid_steps", 300, "Training steps of each Dispersive grid run.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every arm.")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 150, "Evaluate every this many steps.")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 100, "Evaluate every this many steps.")
 _EVAL_SAMPLES = flags.DEFINE_integer("eval_samples", 500, "Samples per evaluation.")
 _GRID = flags.DEFINE_bool("disperse_grid", False, "Run the Dispersive Loss grid instead of the arms.")
 
@@ -49,7 +52,7 @@ def run_config(arm: str, seed: int, steps: int, eval_every: int, disperse: tuple
   config = fashion_mnist.get_config(f"reg={arm}")
   config.seed = seed
   config.train.update(steps=steps, checkpoint_every=steps)
-  config.evaluate.update(every_steps=eval_every, num_samples=_EVAL_SAMPLES.value, batch_size=100)
+  config.evaluate.update(every_steps=eval_every, num_samples=_EVAL_SAMPLES.value, batch_size=100, **EVAL_SAMPLER)
   if disperse and arm in ("disperse", "both"):
     config.disperse.update(weight=disperse[0], temperature=disperse[1])
   return config
@@ -81,8 +84,8 @@ def run(name: str, config) -> dict:
 
 
 def grid() -> tuple[float, float]:
-  """Runs GRID on seed 0 for --steps // 2 steps; writes <workdir>/grid.md; returns the (λ, τ) of the lowest FD."""
-  steps = _STEPS.value // 2
+  """Runs GRID on seed 0 for --grid_steps steps; writes <workdir>/grid.md; returns the (λ, τ) of the lowest FD."""
+  steps = _GRID_STEPS.value
   results = {(w, t): run(f"grid_w{w}_t{t}", run_config("disperse", 0, steps, steps, (w, t)))["evals"][-1]
              for w, t in GRID}
   lines = [f"Dispersive Loss (infonce_l2, block 1, groups of 16) on seed 0, {steps} steps of batch 32, "
