@@ -110,14 +110,14 @@ def report(results: dict[str, list[dict]], disperse: tuple[float, float]) -> str
   acc = {arm: np.array([r["evals"][-1]["class_accuracy"] for r in runs]) for arm, runs in results.items()}
   target = fd["none"][:, -1].mean()
   floor = results["none"][0]["evals"][-1]
-  lines = [f"{len(_SEEDS.value)} seeds per arm, batch 32, {_EVAL_SAMPLES.value} samples per evaluation (real-data "
+  lines = [f"Batch 32, {_EVAL_SAMPLES.value} samples per evaluation (real-data "
            f"floor: FD {floor['floor_fid']:.2f}, classifier accuracy {floor['floor_class_accuracy']:.3f}); "
            f"Dispersive λ = {disperse[0]}, τ = {disperse[1]} (the grid's best).\n",
-           "| arm | " + " | ".join(f"FD @ {s}" for s in steps) + " | class acc. @ end | steps to FD "
-           f"{target:.1f} (none's end) | s / step | load avg |", "|---" * (len(steps) + 5) + "|"]
+           "| arm | seeds | " + " | ".join(f"FD @ {s}" for s in steps) + " | class acc. @ end | steps to FD "
+           f"{target:.1f} (none's end) | s / step | load avg |", "|---" * (len(steps) + 6) + "|"]
   for arm, runs in results.items():
     reach = [steps_to(r["evals"], target) for r in runs]
-    lines.append(f"| {arm} | " + " | ".join(f"{m:.1f} +- {s:.1f}" for m, s in zip(fd[arm].mean(0),
+    lines.append(f"| {arm} | {len(runs)} | " + " | ".join(f"{m:.1f} +- {s:.1f}" for m, s in zip(fd[arm].mean(0),
                                                                               fd[arm].std(0, ddof=1))) +
                  f" | {acc[arm].mean():.3f} +- {acc[arm].std(ddof=1):.3f} | {reach} | "
                  f"{np.mean([r['s_per_step'] for r in runs]):.3f} | "
@@ -141,7 +141,7 @@ def plot(results: dict[str, list[dict]], path: epath.Path) -> None:
     fd = np.array([[e["fid"] for e in r["evals"]] for r in runs])
     ax.errorbar(steps, fd.mean(0), yerr=fd.std(0, ddof=1), marker="o", capsize=3, label=arm)
   ax.set(xlabel="training step (batch 32)", ylabel="FD (CNN features vs test split)", yscale="log",
-         title=f"SiT-S/4 on Fashion-MNIST, mean +- std over {len(next(iter(results.values())))} seeds")
+         title="SiT-S/4 on Fashion-MNIST, mean +- std over seeds")
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
