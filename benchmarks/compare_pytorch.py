@@ -74,12 +74,10 @@ def torch_side(config):
   """(step(): one official-arithmetic PyTorch train step on a fixed random batch of the same shapes)."""
   spec, ((_, width),) = sit_spec(config), config.align.encoders
   assert spec.input_size[0] == spec.input_size[1], "the official SiT takes square inputs"
-  model = SiT(input_size=spec.input_size[0], patch_size=spec.patch, in_channels=spec.in_channels,
-              hidden_size=spec.width, depth=spec.depth, num_heads=spec.num_heads, num_classes=spec.num_classes,
-              z_dims=(width,), projector_dim=config.align.projector_dim, encoder_depth=config.align.block).train()
-  ema = SiT(input_size=spec.input_size[0], patch_size=spec.patch, in_channels=spec.in_channels,
-            hidden_size=spec.width, depth=spec.depth, num_heads=spec.num_heads, num_classes=spec.num_classes,
-            z_dims=(width,), projector_dim=config.align.projector_dim, encoder_depth=config.align.block)
+  shape = dict(input_size=spec.input_size[0], patch_size=spec.patch, in_channels=spec.in_channels,
+               hidden_size=spec.width, depth=spec.depth, num_heads=spec.num_heads, num_classes=spec.num_classes,
+               z_dims=(width,), projector_dim=config.align.projector_dim, encoder_depth=config.align.block)
+  model, ema = SiT(**shape).train(), SiT(**shape)
   ema.load_state_dict(model.state_dict())
   ema.requires_grad_(False)
   t = config.train
