@@ -7,9 +7,10 @@ def base_config() -> ml_collections.ConfigDict:
   """All fields with REPA's published defaults (SiT-XL/2 + REPA on 256 px ImageNet latents)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # name '<S|B|L|XL>/<1|2|4|8>'; depth/width/num_heads: None = the named size's.
+  # name '<S|B|L|XL>/<1|2|4|8>'; depth/width/num_heads: None = the named size's. remat: what each block keeps for
+  # the backward pass: none (everything), dots (matmul outputs; the rest is recomputed), full (only its input).
   c.model = dict(name="XL/2", depth=placeholder(int), width=placeholder(int), num_heads=placeholder(int),
-                 dtype="float32")
+                 dtype="float32", remat="none")
   # source: 'synthetic' (random data of the configured shapes, for benchmarks and tests) or 'features'.
   # autoencoder: 'identity' (pixels) or 'sd-vae-ft-mse'; autoencoder_spec: VAESpec fields replacing SD-VAE's (tests).
   c.data = dict(source="synthetic", directory="", split="train", latent_shape=(32, 32, 4), num_classes=1000,
@@ -25,7 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
                     margin=1.0)
   # keep_every: also keep every keep_every-th checkpoint for good (None: only the newest keep_checkpoints).
   # ema_warmup: decay min(ema_decay, (1 + step) / (10 + step)) instead of a constant ema_decay (REPA: constant).
-  c.train = dict(batch_size=256, steps=400_000, lr=1e-4, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
+  # lr_schedule: constant (REPA) | cosine (from lr after the warm-up to 0 at `steps`).
+  c.train = dict(batch_size=256, steps=400_000, lr=1e-4, lr_schedule="constant", warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
                  weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, ema_warmup=False, label_dropout=0.1, log_every=100,
                  checkpoint_every=10_000, keep_checkpoints=3, keep_every=placeholder(int))
   c.mesh = dict(axes=("data", "fsdp"), shape=(-1, 1))

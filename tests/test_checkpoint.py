@@ -73,6 +73,16 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_the_field(tmp_pa
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]  # nothing lost or overwritten
 
 
+def test_a_checkpoint_resumes_with_another_dtype_or_remat(tmp_path):
+  config = tiny.get_config("reg=none")
+  config.train.update(steps=1, checkpoint_every=1)
+  train(config, str(tmp_path))
+  config.train.steps = 2
+  config.model.update(dtype="bfloat16", remat="full")  # how the same parameters are computed, not which
+  train(config, str(tmp_path))
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+
+
 def test_keeps_the_newest_k_and_every_m_th(tmp_path):
   config = tiny.get_config("reg=none")
   config.train.update(steps=9, checkpoint_every=1, keep_checkpoints=2, keep_every=4)

@@ -8,7 +8,7 @@ from flax import nnx
 
 from repa_jax.models.layers import sincos_pos_embed_2d
 from repa_jax.models.sit import SiT
-from repa_jax.specs.model import PATCH_SIZES, SIZES, spec_from_name
+from repa_jax.specs.model import PATCH_SIZES, SIZES, ModelSpec, spec_from_name
 
 
 def count_params(name, **kw):
@@ -38,10 +38,10 @@ def test_output_and_hidden_shapes_for_every_size(size, patch):
   assert hiddens[1].shape == (2, (32 // patch) ** 2, SIZES[size][1])
 
 
-def tiny_sit(dtype=jnp.float32, **kw):
+def tiny_sit(dtype=jnp.float32, remat="none", **kw):
   spec = spec_from_name("S/4", input_size=(28, 28), in_channels=1, num_classes=10, depth=3, width=32, num_heads=2,
                         **kw)
-  return SiT(spec, nnx.Rngs(0), dtype=dtype)
+  return SiT(spec, nnx.Rngs(0), dtype=dtype, remat=remat)
 
 
 def random_inputs(batch=3):
@@ -74,6 +74,20 @@ def test_hidden_blocks_are_one_indexed_block_outputs():
     model(x, t, y, hidden_blocks=(0,))
 
 
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_remat_changes_no_value_or_gradient(remat):
+  x, t, y = random_inputs()
+
+  def loss_and_grads(model):
+    graphdef, params = nnx.split(model)
+    loss = lambda p: sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(nnx.merge(graphdef, p)(x, t, y, (2,))))
+    return jax.jit(jax.value_and_grad(loss))(jax.tree.map(lambda a: a + 0.05, params))  # off the zero init
+
+  reference, rematerialised = loss_and_grads(tiny_sit()), loss_and_grads(tiny_sit(remat=remat))
+  chex.assert_trees_all_close(rematerialised, reference, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(reference[1]["blocks"]["mlp"]["fc1"]["kernel"][...]).max()) > 0  # a real gradient
+
+
 def test_position_embedding_is_fixed_2d_sincos_and_not_a_parameter():
   names = {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(tiny_sit(), nnx.Param))}
   assert not any("pos" in n for n in names)
@@ -91,8 +105,11 @@ def test_bfloat16_compute_keeps_float32_parameters_and_output():
   assert out.dtype == jnp.float32 and hiddens[2].dtype == jnp.bfloat16
 
 
-def test_unknown_model_name_and_bad_patch_are_refused():
+def test_unknown_model_name_bad_patch_and_unknown_remat_are_refused():
   with pytest.raises(ValueError, match="config.model.name='M/2'"):
     spec_from_name("M/2", input_size=(32, 32), in_channels=4, num_classes=10)
   with pytest.raises(ValueError, match="not divisible by the patch size 8"):
     spec_from_name("S/8", input_size=(28, 28), in_channels=1, num_classes=10)
+  sit = spec_from_name("S/4", input_size=(28, 28), in_channels=1, num_classes=10)
+  with pytest.raises(ValueError, match="config.model.remat='some'"):
+    ModelSpec(sit=sit, encoders=(), projector_dim=8, remat="some")

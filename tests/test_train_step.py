@@ -10,7 +10,7 @@ from repa_jax.data.synthetic import SyntheticBatches
 from repa_jax.models.repa_sit import model_graphdef
 from repa_jax.specs import sharding
 from repa_jax.specs.model import model_spec
-from repa_jax.train.state import abstract_state, init_state, make_optimizer
+from repa_jax.train.state import abstract_state, init_state, learning_rate_schedule, make_optimizer
 from repa_jax.train.step import drop_labels, jit_train_step, make_train_step
 
 
@@ -76,6 +76,25 @@ def test_ema_warmup_decay_follows_its_formula_step_by_step():
                        params)
     chex.assert_trees_all_close(jax.device_get(state["ema_params"]), ema, rtol=1e-5, atol=1e-7)
   assert min(0.5, (1 + 100) / (10 + 100)) == 0.5  # the cap takes over once (1 + i) / (10 + i) exceeds the decay
+
+
+@pytest.mark.parametrize("kind", ["constant", "cosine"])
+def test_learning_rate_schedule_matches_numpy(kind):
+  config = tiny.get_config("reg=none")
+  config.train.update(lr=2e-3, warmup_steps=4, steps=20, lr_schedule=kind)
+  schedule = learning_rate_schedule(config)
+  for step in range(24):  # NumPy reference: linear warm-up, then constant or a half cosine to 0 at `steps`
+    lr = 2e-3 * min(1.0, (step + 1) / 4)
+    if kind == "cosine":
+      lr *= 0.5 * (1 + np.cos(np.pi * min(max(step - 4, 0) / 16, 1.0)))
+    np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-5, atol=1e-12)
+
+
+def test_unknown_learning_rate_schedule_is_refused():
+  config = tiny.get_config("reg=none")
+  config.train.lr_schedule = "linear"
+  with pytest.raises(ValueError, match="config.train.lr_schedule"):
+    learning_rate_schedule(config)
 
 
 def test_label_dropout_rate_and_null_class():

@@ -13,7 +13,7 @@ class RepaSiT(nnx.Module):
 
   def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
     dtype = spec.compute_dtype
-    self.sit = SiT(spec.sit, rngs, dtype=dtype)
+    self.sit = SiT(spec.sit, rngs, dtype=dtype, remat=spec.remat)
     self.projectors = nnx.Dict({name: Projector(spec.sit.width, width, rngs, hidden=spec.projector_dim, dtype=dtype)
                                 for name, width in spec.encoders})
 
@@ -35,4 +35,4 @@ def abstract_params(spec: ModelSpec):
 
 def sit_graphdef(spec: ModelSpec) -> nnx.GraphDef:
   """The static structure of the SiT alone (sampling needs no projectors)."""
-  return nnx.graphdef(nnx.eval_shape(lambda: SiT(spec.sit, nnx.Rngs(0), dtype=spec.compute_dtype)))
+  return nnx.graphdef(nnx.eval_shape(lambda: SiT(spec.sit, nnx.Rngs(0), dtype=spec.compute_dtype, remat=spec.remat)))

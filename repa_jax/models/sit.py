@@ -9,6 +9,10 @@ from repa_jax.models.layers import (Attention, Mlp, TimestepEmbedder, layer_norm
                                     patchify, sincos_pos_embed_2d, unpatchify, zeros)
 from repa_jax.specs.model import SiTSpec
 
+# specs.model.REMAT name -> the jax.checkpoint policy of a block (None: no rematerialisation).
+REMAT_POLICIES = {"none": None, "dots": jax.checkpoint_policies.checkpoint_dots,
+                  "full": jax.checkpoint_policies.nothing_saveable}
+
 
 class SiTBlock(nnx.Module):
   """LN -> modulate -> attention -> gated residual; LN -> modulate -> MLP -> gated residual."""
@@ -27,9 +31,10 @@ class SiTBlock(nnx.Module):
 class SiT(nnx.Module):
   """Velocity model v(x_t, t, y). x: [B, H, W, C] (NHWC), t: [B] in [0, 1], y: [B] int in [0, num_classes]."""
 
-  def __init__(self, spec: SiTSpec, rngs: nnx.Rngs, *, dtype=jnp.float32):
+  def __init__(self, spec: SiTSpec, rngs: nnx.Rngs, *, dtype=jnp.float32, remat: str = "none"):
     self.spec = spec
     self.dtype = dtype
+    self.remat = remat
     p, c, d = spec.patch, spec.in_channels, spec.width
     self.patch_embed = linear(p * p * c, d, rngs, dtype=dtype)  # == conv(kernel p, stride p), Xavier as a linear
     self.t_embed = TimestepEmbedder(d, rngs, dtype=dtype)
@@ -48,12 +53,16 @@ class SiT(nnx.Module):
     self.final_linear = linear(d, p * p * c, rngs, dtype=dtype, init=zeros)
 
   def run_blocks(self, hidden: jax.Array, c: jax.Array, start: int, stop: int) -> jax.Array:
-    """Blocks start+1 .. stop (1-indexed) applied to hidden [B, N, D] with conditioning c [B, D], by lax.scan."""
+    """Blocks start+1 .. stop (1-indexed) applied to hidden [B, N, D] with conditioning c [B, D], by lax.scan (each
+    block under jax.checkpoint with the policy of `remat`, if any)."""
     if start == stop:
       return hidden
     graphdef, params = nnx.split(self.blocks)
     segment = jax.tree.map(lambda p: p[start:stop], params)
-    return jax.lax.scan(lambda h, p: (nnx.merge(graphdef, p)(h, c), None), hidden, segment)[0]
+    block = lambda h, p: nnx.merge(graphdef, p)(h, c)
+    if (policy := REMAT_POLICIES[self.remat]) is not None:
+      block = jax.checkpoint(block, policy=policy)
+    return jax.lax.scan(lambda h, p: (block(h, p), None), hidden, segment)[0]
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array,
                hidden_blocks: Sequence[int] = ()) -> tuple[jax.Array, dict[int, jax.Array]]:

@@ -15,9 +15,13 @@ def checkpoint_dir(workdir: str) -> epath.Path:
   return path if "://" in str(workdir) else epath.Path(os.path.abspath(path))
 
 
+# The config.model fields that fix the parameter tree (dtype and remat only change how it is computed).
+MODEL_SHAPE_FIELDS = ("name", "depth", "width", "num_heads")
+
+
 def architecture(config: ml_collections.ConfigDict) -> dict:
   """The config fields that fix the parameter tree: a checkpoint only restores into a config with equal values."""
-  fields = {"model": config.model.to_dict(), "data.latent_shape": config.data.latent_shape,
+  fields = {"model": {k: config.model[k] for k in MODEL_SHAPE_FIELDS}, "data.latent_shape": config.data.latent_shape,
             "data.num_classes": config.data.num_classes,
             "align.encoders": config.align.encoders,
             "align.projector_dim": config.align.projector_dim if config.align.encoders else None}
@@ -25,9 +29,12 @@ def architecture(config: ml_collections.ConfigDict) -> dict:
 
 
 def check_architecture(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:
-  """Refuses a checkpoint whose architecture differs from the config's, naming each differing field."""
+  """Refuses a checkpoint whose architecture differs from the config's, naming each differing field (of a saved
+  dict, only the keys the config's has: checkpoints that also recorded config.model.dtype restore in any dtype)."""
   wanted = architecture(config)
-  differ = [f"{k}: checkpoint {saved.get(k)!r} vs config {wanted[k]!r}" for k in wanted if saved.get(k) != wanted[k]]
+  restrict = lambda value, like: {k: value.get(k) for k in like} if isinstance(value, dict) else value
+  differ = [f"{k}: checkpoint {restrict(saved.get(k), v)!r} vs config {v!r}" for k, v in wanted.items()
+            if restrict(saved.get(k), v) != v]
   if differ:
     raise ValueError(f"the checkpoint in {where} is from an incompatible config ({'; '.join(differ)}): run with the "
                      "config it was trained with, or pass another --workdir")

@@ -9,13 +9,24 @@ from repa_jax.models.repa_sit import build_model
 from repa_jax.specs import rng
 from repa_jax.specs.model import model_spec
 
+LR_SCHEDULES = ("constant", "cosine")
+
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Constant config.train.lr after an optional linear warm-up of config.train.warmup_steps."""
-  lr, warmup = config.train.lr, config.train.warmup_steps
-  if not warmup:
-    return optax.constant_schedule(lr)
-  return lambda step: lr * jnp.minimum(1.0, (step + 1) / warmup)
+  """The learning rate of update `step` (0-indexed): a linear warm-up over config.train.warmup_steps to config.train.lr,
+  then constant (lr_schedule 'constant') or a half cosine to 0 at config.train.steps ('cosine')."""
+  t = config.train
+  if t.lr_schedule not in LR_SCHEDULES:
+    raise ValueError(f"config.train.lr_schedule={t.lr_schedule!r} is not one of {LR_SCHEDULES}")
+  warmup, decay_steps = t.warmup_steps, max(t.steps - t.warmup_steps, 1)
+
+  def schedule(step):
+    lr = t.lr * (jnp.minimum(1.0, (step + 1) / warmup) if warmup else 1.0)
+    if t.lr_schedule == "cosine":
+      progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+      lr = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return lr
+  return schedule
 
 
 def ema_decay_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
