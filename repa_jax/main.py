@@ -22,6 +22,7 @@ from repa_jax.sample.generate import GRID_FILE, generate, output_dir
 from repa_jax.train import checkpoint
 from repa_jax.train.loop import train
 from repa_jax.train.state import make_optimizer, new_state
+from repa_jax.validate import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/tiny.py:reg=both.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples and logs (every mode but "
@@ -123,9 +124,10 @@ def summary_line(metrics: dict, samples: str) -> str:
 def main(argv):
   del argv
   needed_flags()
+  config = _CONFIG.value
+  validate(config)
   log_to_workdir(_WORKDIR.value)
   initialize_distributed()
-  config = _CONFIG.value
   with stage(_MODE.value):
     if _MODE.value == "precompute":
       precompute(config)

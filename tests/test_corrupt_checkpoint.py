@@ -10,7 +10,6 @@ import pytest
 from configs import tiny
 from repa_jax.sample.generate import load_sit_ema
 from repa_jax.specs import sharding
-from repa_jax.train import checkpoint
 from repa_jax.train.loop import train
 
 

@@ -7,7 +7,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYERS = {"config": 0, "specs": 0, "models": 1, "objectives": 1, "convert": 2, "data": 3, "train": 4, "sample": 5,
-          "evaluate": 6, "main": 7}
+          "evaluate": 6, "validate": 7, "main": 8}
 
 
 def package(module: str) -> str:

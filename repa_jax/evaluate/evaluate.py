@@ -204,9 +204,6 @@ def periodic_evaluator(config: ml_collections.ConfigDict):
   (floor_fid, floor_class_accuracy); no k-NN metrics. Samples on the training run's mesh (config.mesh)."""
   if config.evaluate.every_steps is None:
     return None
-  if config.evaluate.every_steps < 1:
-    raise ValueError(f"config.evaluate.every_steps={config.evaluate.every_steps}: evaluate every N >= 1 steps, or "
-                     "None for no evaluation during training")
   mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
   features, info = feature_network(config)
   real = reference(config, features)
