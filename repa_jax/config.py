@@ -50,11 +50,12 @@ def base_config() -> ml_collections.ConfigDict:
   # limit: use only the first `limit` images of each split (None = all); encoder_dir, encoder_steps: the
   # project-trained encoders' cache and training steps (None = their default); autoencoder_weights: the SD-VAE
   # .safetensors; encoder_weights: {DINOv2 name: .pth / .safetensors}; encoder_specs: {DINOv2 name: DinoV2Spec fields
-  # replacing its preset's} (tests); workers: threads decoding and cropping images ahead of the devices.
+  # replacing its preset's} (tests); workers: threads decoding and cropping images ahead of the devices; verify:
+  # re-read every record of the finished shards and rewrite the damaged ones (else only their size and count).
   c.precompute = dict(source="fashion_mnist", source_dir="", resolution=placeholder(int), splits=("train",),
                       limit=placeholder(int), num_shards=8, batch_size=256, workers=16, quantize="float16",
                       encoder_dir="data/encoders", encoder_steps=placeholder(int), autoencoder_weights="",
-                      encoder_weights={}, encoder_specs={})
+                      encoder_weights={}, encoder_specs={}, verify=False)
   return c
 
 

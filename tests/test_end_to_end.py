@@ -1,7 +1,6 @@
 """Images -> project-trained encoder -> precompute (resumable, exactly once) -> train from the feature dataset."""
 import jax
 import numpy as np
-import pytest
 
 from configs import fashion_mnist
 from repa_jax.data import features, sources
@@ -20,16 +19,6 @@ def small_fashion_mnist(tmp_path, directory):
   config.train.update(batch_size=16, steps=4, log_every=2, checkpoint_every=2)
   config.evaluate.every_steps = None
   return config
-
-
-@pytest.fixture
-def fashion_mnist_dir(tmp_path):
-  """The Debian package's Fashion-MNIST files (make test installs them)."""
-  try:
-    sources.fashion_mnist("train")
-    return sources.FASHION_MNIST_DIRECTORY
-  except FileNotFoundError:
-    pytest.skip("dataset-fashion-mnist is not installed (make test installs it)")
 
 
 def test_precompute_then_train(tmp_path, fashion_mnist_dir):

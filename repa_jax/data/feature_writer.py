@@ -1,7 +1,9 @@
 """Writing a feature dataset (the format: `features.py`): shards written atomically and exactly once, by any number
-of processes; a re-run skips the finished ones. Every process of a precompute run writes the shards it owns:
+of processes; a re-run skips the finished ones (complete, with the record count and size recorded when written) and
+rewrites the others; with verify=True it also re-reads every record of the finished ones. Every process of a
+precompute run writes the shards it owns:
 
-  for shard in pending_shards(directory, split, num_shards, process_index, process_count):
+  for shard in pending_shards(directory, split, num_shards, process_index, process_count, verify=False):
     write_shard(directory, spec, split, shard, num_shards,
                 records_for(shard_range(len(source), shard, num_shards)))
   # once every process is done, on one process:
@@ -15,6 +17,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from array_record.python import array_record_module
 from etils import epath
 
@@ -70,32 +73,101 @@ def _ids_path(shard_path: epath.Path) -> epath.Path:
   return shard_path.parent / f"{shard_path.name}.ids.npy"
 
 
+def _check_path(shard_path: epath.Path) -> epath.Path:
+  return shard_path.parent / f"{shard_path.name}.json"
+
+
+def _read_ids(shard_path: epath.Path) -> np.ndarray:
+  with _ids_path(shard_path).open("rb") as file:
+    return np.load(file)
+
+
+def _num_records(shard_path: epath.Path) -> int:
+  reader = array_record_module.ArrayRecordReader(os.fspath(shard_path))
+  try:
+    return reader.num_records()
+  finally:
+    reader.close()
+
+
+def shard_problem(shard_path: epath.Path) -> str | None:
+  """Why a finished shard is not whole, by the cheap checks (its ids file, and the record count and size recorded
+  when it was written; datasets written before that record: the count in its footer); None if it passes."""
+  if not _ids_path(shard_path).exists():
+    return f"{_ids_path(shard_path).name} is missing"
+  num_ids = _read_ids(shard_path).size
+  if _check_path(shard_path).exists():
+    recorded = json.loads(_check_path(shard_path).read_text())
+    size = shard_path.stat().length
+    if size != recorded["bytes"] or num_ids != recorded["records"]:
+      return (f"it is {size} bytes with {num_ids} ids, but was written as {recorded['bytes']} bytes with "
+              f"{recorded['records']} records")
+    return None
+  try:
+    num_records = _num_records(shard_path)
+  except Exception as error:  # noqa: BLE001 - a damaged footer fails here: report it
+    return f"it cannot be opened ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})"
+  return None if num_records == num_ids else f"it holds {num_records} records but its ids file lists {num_ids}"
+
+
+def verify_shard(spec: features.FeatureSpec, shard_path: epath.Path) -> str | None:
+  """`shard_problem`, then the full check: every record is read and decoded, and their ids are the ids file's."""
+  if (problem := shard_problem(shard_path)) is not None:
+    return problem
+  connectors, ids, index = features.tfds_features(spec), _read_ids(shard_path), None
+  try:
+    reader = array_record_module.ArrayRecordReader(os.fspath(shard_path))
+    try:
+      num_records = reader.num_records()
+      for start in range(0, num_records, 256):  # a chunk of records in memory at a time
+        index = start
+        for index, data in enumerate(reader.read(start, min(start + 256, num_records)), start):
+          record_id = connectors.deserialize_example_np(data)["id"]
+          if record_id != ids[index]:
+            return f"record {index} has id {record_id}, its ids file says {ids[index]}"
+    finally:
+      reader.close()
+  except Exception as error:  # noqa: BLE001 - any read or decode error is the shard's damage
+    where = "it cannot be opened" if index is None else f"the records from {index} on cannot be read"
+    return f"{where} ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})"
+  return None
+
+
 def shard_range(num_examples: int, shard_index: int, num_shards: int) -> range:
   """Source ids of one shard: contiguous blocks whose sizes differ by at most one."""
   return range(num_examples * shard_index // num_shards, num_examples * (shard_index + 1) // num_shards)
 
 
 def pending_shards(directory: epath.PathLike, split: str, num_shards: int, process_index: int = 0,
-                   process_count: int = 1) -> list[int]:
-  """Shards that process `process_index` of `process_count` owns (index % count) and that are not finished yet."""
+                   process_count: int = 1, verify: bool = False) -> list[int]:
+  """Shards that process `process_index` of `process_count` owns (index % count) and that are not finished: missing,
+  failing `shard_problem`, or with `verify` failing `verify_shard` (each damaged one logged with why)."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in range(process_count={process_count}).")
   directory = epath.Path(directory)
-  return [shard for shard in range(process_index, num_shards, process_count)
-          if not features.shard_path(directory, split, shard, num_shards).exists()]
+  pending = []
+  for shard in range(process_index, num_shards, process_count):
+    path = features.shard_path(directory, split, shard, num_shards)
+    if not path.exists():
+      pending.append(shard)
+    elif (problem := verify_shard(features.read_spec(directory), path) if verify else shard_problem(path)):
+      logging.warning("feature shard %s is damaged (%s): rewriting it", path, problem)
+      pending.append(shard)
+  return pending
 
 
 def _write_atomically(path: epath.Path, data: bytes) -> None:
   """Writes `data` to a unique temporary file, then renames it to `path`: readers see all of it or nothing."""
   temporary = path.parent / f"{path.name}.{uuid.uuid4().hex}.tmp"
   temporary.write_bytes(data)
-  temporary.rename(path)
+  temporary.replace(path)
 
 
 def _record_spec(directory: epath.Path, spec: features.FeatureSpec) -> None:
   """Writes `spec` as the dataset's metadata, or checks that it equals the spec already written."""
   if not (directory / features.METADATA_FILE).exists():
-    metadata = json.dumps({features.METADATA_KEY: spec.to_dict()}).encode()
+    metadata = json.dumps({features.METADATA_KEY: spec.to_dict(),
+                           features.NAME_KEY: features.dataset_name(directory)}).encode()
     _write_atomically(directory / features.METADATA_FILE, metadata)
     return
   written = features.read_spec(directory)
@@ -130,7 +202,8 @@ def write_shard(directory: epath.PathLike, spec: features.FeatureSpec, split: st
     writer.close()
   with _ids_path(path).open("wb") as file:
     np.save(file, np.asarray(ids, np.int64))
-  partial.rename(path)
+  partial.replace(path)  # over a damaged shard being rewritten
+  _write_atomically(_check_path(path), json.dumps({"records": len(ids), "bytes": path.stat().length}).encode())
   return len(ids)
 
 
@@ -173,15 +246,11 @@ def finalize(directory: epath.PathLike, split: str, num_examples: int) -> None:
   paths = _finished_shards(directory, split)
   shard_lengths, ids = [], []
   for path in paths:
-    reader = array_record_module.ArrayRecordReader(os.fspath(path))
-    num_records = reader.num_records()
-    reader.close()
-    with _ids_path(path).open("rb") as file:
-      shard_ids = np.load(file)
-    if num_records != shard_ids.size:
-      raise ValueError(f"{path} holds {num_records} records but {_ids_path(path).name} lists {shard_ids.size} ids. "
-                       "Fix: delete both files and re-run --mode=precompute.")
-    shard_lengths.append(num_records)
+    if (problem := shard_problem(path)) is not None:
+      raise ValueError(f"feature shard {path} is damaged: {problem}. Fix: re-run --mode=precompute (it rewrites "
+                       "damaged shards).")
+    shard_ids = _read_ids(path)
+    shard_lengths.append(shard_ids.size)
     ids.append(shard_ids)
   _check_exactly_once(np.concatenate(ids), num_examples, f"split {split!r} in {directory}")
 

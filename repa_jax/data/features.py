@@ -10,7 +10,8 @@ It holds:
 
   <name>-<split>.array_record-<i>-of-<n>          finished shard i (written under a temporary name, then renamed)
   <name>-<split>.array_record-<i>-of-<n>.ids.npy  the source ids in shard i, for the writer's exactly-once check
-  metadata.json                                  the FeatureSpec, written by the first shard writer
+  <name>-<split>.array_record-<i>-of-<n>.json     its record count and size in bytes, written last (integrity)
+  metadata.json                                  the FeatureSpec and <name>, written by the first shard writer
   dataset_info.json, features.json               written by `finalize`; a split is readable from then on
 """
 
@@ -29,8 +30,10 @@ IDENTITY_AUTOENCODER = "identity"
 QUANTIZATIONS = ("float16", "int8")
 METADATA_FILE = "metadata.json"
 METADATA_KEY = "feature_spec"
+NAME_KEY = "dataset_name"
 FILE_FORMAT = "array_record"
 _DATASET_NAME = re.compile(r"[a-zA-Z]\w*")
+_SHARD_FILE = re.compile(rf"([a-zA-Z]\w*)-\w+\.{FILE_FORMAT}-\d{{5}}-of-\d{{5}}")
 PRECOMPUTE_FIX = ("Fix: point the run at a feature dataset precomputed for this config, or precompute one "
                   "(--mode=precompute).")
 
@@ -145,8 +148,18 @@ def tfds_features(spec: FeatureSpec) -> tfds.features.FeaturesDict:
 
 
 def dataset_name(directory: epath.PathLike) -> str:
-  """TFDS name of the dataset in `directory`: `<name>` of `<data_dir>/<name>/<version>`, else the folder's name."""
+  """TFDS name of the dataset in `directory`: the one its metadata (or its shards' file names) record once it exists,
+  so a copied or renamed directory is read and resumed in place; for a new dataset `<name>` of
+  `<data_dir>/<name>/<version>`, else the folder's name."""
   directory = epath.Path(directory)
+  if (directory / METADATA_FILE).exists():
+    recorded = json.loads((directory / METADATA_FILE).read_text()).get(NAME_KEY)
+    if recorded:
+      return recorded
+  if directory.exists():
+    names = sorted({m.group(1) for p in directory.iterdir() if (m := _SHARD_FILE.fullmatch(p.name))})
+    if len(names) == 1:
+      return names[0]
   name = directory.parent.name if tfds.core.Version.is_valid(directory.name) else directory.name
   if not _DATASET_NAME.fullmatch(name):
     suggestion = re.sub(r"\W", "_", name)
@@ -178,10 +191,37 @@ def read_spec(directory: epath.Path) -> FeatureSpec:
   return _spec_from_metadata(json.loads(path.read_text()), directory)
 
 
-def open_features(directory: epath.PathLike, split: str):
-  """(random-access data source of `split`, FeatureSpec) of a finalized feature dataset.
+VERIFY_FIX = ("Fix: re-run --mode=precompute with the same config and --config.precompute.verify=true: it re-reads "
+              "every shard and rewrites only the damaged ones.")
 
-  `source[i]` is a dict laid out as `stored_fields(spec)`.
+
+class NamedRecords:
+  """A split's records (`records[i]`, as the TFDS data source gives them) whose read errors name the shard file, the
+  record in it and the fix, instead of a bare Riegeli / ArrayRecord error."""
+
+  def __init__(self, source, split_info, directory: epath.Path):
+    self._source, self._split, self._directory = source, split_info.name, directory
+    self._starts = np.cumsum([0, *split_info.shard_lengths])
+    self._paths = split_info.filepaths
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    try:
+      return self._source[index]
+    except Exception as error:
+      shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+      first_line = (str(error).splitlines() or [""])[0][:200]
+      raise RuntimeError(f"feature dataset {self._directory}: record {index - self._starts[shard]} of shard "
+                         f"{self._paths[shard]} (record {index} of split {self._split!r}) cannot be read "
+                         f"({type(error).__name__}: {first_line}). {VERIFY_FIX}") from error
+
+
+def open_features(directory: epath.PathLike, split: str):
+  """(random-access records of `split` (a `NamedRecords`), FeatureSpec) of a finalized feature dataset.
+
+  `records[i]` is a dict laid out as `stored_fields(spec)`.
   """
   directory = epath.Path(directory)
   if not (directory / "dataset_info.json").exists():
@@ -192,7 +232,8 @@ def open_features(directory: epath.PathLike, split: str):
   if split not in builder.info.splits:
     raise ValueError(f"feature dataset {directory} has no split {split!r}, only {list(builder.info.splits)}. "
                      f"Fix: precompute that split (--mode=precompute) or choose one of these.")
-  return builder.as_data_source(split), _spec_from_metadata(builder.info.metadata, directory)
+  records = NamedRecords(builder.as_data_source(split), builder.info.splits[split], directory)
+  return records, _spec_from_metadata(builder.info.metadata, directory)
 
 
 def check_spec(spec: FeatureSpec, requirement: DatasetRequirement) -> None:

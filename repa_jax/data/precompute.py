@@ -160,7 +160,7 @@ def precompute(config: ml_collections.ConfigDict) -> None:
       image = jax.ShapeDtypeStruct((len(local_devices), *source.image_shape), jnp.uint8)
       check_output_shapes(config, spec, {k: v.shape for k, v in jax.eval_shape(compute, params, image).items()})
     pending = feature_writer.pending_shards(config.data.directory, split, p.num_shards, jax.process_index(),
-                                      jax.process_count())
+                                            jax.process_count(), verify=p.verify)
     total = sum(len(feature_writer.shard_range(len(source), s, p.num_shards)) for s in pending)
     with (tqdm(total=total, desc=f"precompute {split}", unit="img", disable=jax.process_index() != 0) as progress,
           ThreadPoolExecutor(p.workers) as pool):
