@@ -18,7 +18,7 @@ from ml_collections import config_flags
 from repa_jax.convert.sit import SOURCES, convert_state_dict, read_checkpoint
 from repa_jax.data.precompute import precompute
 from repa_jax.evaluate.evaluate import evaluate_npz, periodic_evaluator
-from repa_jax.sample.generate import GRID_FILE, generate, output_dir
+from repa_jax.sample.generate import GRID_FILE, generate, samples_to_evaluate
 from repa_jax.train import checkpoint
 from repa_jax.train.loop import train
 from repa_jax.train.state import make_optimizer, new_state
@@ -138,7 +138,7 @@ def main(argv):
     elif _MODE.value == "sample":
       print(generate(config, _WORKDIR.value))
     elif _MODE.value == "evaluate":
-      samples = _SAMPLES.value or str(output_dir(config, _WORKDIR.value) / "samples.npz")
+      samples = _SAMPLES.value or str(samples_to_evaluate(config, _WORKDIR.value))
       metrics = evaluate_npz(config, samples)
       print(json.dumps(metrics, indent=2))
   if _MODE.value == "evaluate":

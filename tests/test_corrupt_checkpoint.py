@@ -1,5 +1,6 @@
 """An unreadable newest checkpoint (a truncated data file): training and sampling fall back to the newest readable one,
-set the bad one aside without deleting it, and fail with one message naming every step when none is readable."""
+training sets the bad one aside without deleting it, evaluation finds the samples of the step sampled, and none
+readable fails with one message naming every step."""
 import pathlib
 import shutil
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from repa_jax.sample.generate import load_sit_ema
+from repa_jax.sample.generate import load_sit_ema, output_dir, samples_to_evaluate
 from repa_jax.specs import sharding
 from repa_jax.train.loop import train
 
@@ -85,3 +86,13 @@ def test_restore_step_picks_a_checkpoint_and_refuses_to_overwrite_newer_ones(tra
   config.train.restore_step = 15
   train(config, str(workdir))
   assert names(workdir) == ["10", "15", "20"]
+
+
+def test_evaluate_reads_the_samples_of_the_newest_sampled_checkpoint(trained, tmp_path):
+  workdir = copy_of(trained, tmp_path)
+  config = tiny_config(15)
+  assert samples_to_evaluate(config, str(workdir)) == output_dir(config, str(workdir), 15) / "samples.npz"
+  fallback = output_dir(config, str(workdir), 10)  # what sampling writes when checkpoint 15 is unreadable
+  fallback.mkdir(parents=True)
+  (fallback / "samples.npz").write_bytes(b"")
+  assert samples_to_evaluate(config, str(workdir)) == fallback / "samples.npz"

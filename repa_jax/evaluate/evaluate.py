@@ -186,6 +186,9 @@ def evaluate_npz(config: ml_collections.ConfigDict, npz_path: str) -> dict:
   """Metrics of an ADM-format .npz (arr_0 uint8 NHWC, arr_1 labels) against config.evaluate.feature_network's
   reference, with their real-data floor (`floor`, see `real_floor`; None when config.evaluate.floor_split is ''); writes
   JSON beside it (<npz>.metrics.json) and returns the metrics."""
+  if not epath.Path(npz_path).exists():
+    raise FileNotFoundError(f"no samples at {npz_path}. Fix: run --mode=sample with the same config first, or pass "
+                            "--samples=<an ADM .npz>")
   features, info = feature_network(config)
   with epath.Path(npz_path).open("rb") as file, np.load(file) as stored:
     images, labels = stored["arr_0"], stored["arr_1"] if "arr_1" in stored else None

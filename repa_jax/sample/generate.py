@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
@@ -158,6 +159,24 @@ def output_dir(config: ml_collections.ConfigDict, workdir: str, step: int | None
   interval = (f"_t{s.guidance_low}-{s.guidance_high}"
               if s.cfg_scale != 1.0 and (s.guidance_low, s.guidance_high) != (0.0, 1.0) else "")
   return epath.Path(workdir) / "samples" / f"{step}_{s.sampler}{s.steps}_cfg{s.cfg_scale}{interval}_seed{s.seed}"
+
+
+def samples_to_evaluate(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
+  """The samples.npz that `generate` wrote for config.sample.checkpoint_step, or, when that is None, for the newest
+  checkpoint that has samples of this sampler setting (sampling falls back past an unreadable newest checkpoint);
+  a warning names the newer checkpoints without them."""
+  if config.sample.checkpoint_step is not None:
+    return output_dir(config, workdir) / "samples.npz"
+  steps = checkpoint.all_steps(workdir)
+  newest = output_dir(config, workdir, checkpoint.latest_step(workdir)) / "samples.npz"
+  for step in reversed(steps):
+    path = output_dir(config, workdir, step) / "samples.npz"
+    if path.exists():
+      if step != steps[-1]:
+        logging.warning("evaluating the samples of checkpoint %d: the newer checkpoints %s have none of this sampler "
+                        "setting (run --mode=sample to sample them)", step, [s for s in steps if s > step])
+      return path
+  return newest  # none sampled yet: the evaluator names this missing file and the fix
 
 
 def generate(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:

@@ -157,6 +157,11 @@ def restore_latest(manager: ocp.CheckpointManager, target, config: ml_collection
   return restored["state"], restored["data"]
 
 
+def all_steps(workdir: str) -> list[int]:
+  """The checkpoint steps in `workdir`, oldest first (set-aside `<step>.corrupt` ones are not steps)."""
+  return sorted(ocp.CheckpointManager(checkpoint_dir(workdir)).all_steps())
+
+
 def latest_step(workdir: str) -> int:
   """The newest checkpoint step in `workdir`, or an error saying there is none."""
   step = ocp.CheckpointManager(checkpoint_dir(workdir)).latest_step()
