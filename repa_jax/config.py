@@ -18,12 +18,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.flow = dict(path="linear", time_sampler="uniform")
   # encoders: ((name, feature width), ...), a projector each: () = no REPA (see `select_regularizers`); weight scales
   # the term (0: not computed, the projectors stay in the parameter tree); block is 1-indexed (REPA's encoder_depth).
+  # stop_step (both regularisers; None: never): from this step on the term is 0 and its projectors stay as they are
+  # (HASTE stops alignment at 250K).
   c.align = dict(weight=0.5, block=8, encoders=(("dinov2_vitb14", 768),), projector_dim=2048, objective="cosine",
-                 temperature=0.1)
+                 temperature=0.1, stop_step=placeholder(int))
   # weight 0 switches it off (see `select_regularizers`); blocks None = (depth // 4,); group_size None = the whole
   # per-step batch.
   c.disperse = dict(weight=0.5, variant="infonce_l2", temperature=0.5, blocks=placeholder(tuple), group_size=16,
-                    margin=1.0)
+                    margin=1.0, stop_step=placeholder(int))
   # keep_every: also keep every keep_every-th checkpoint for good (None: only the newest keep_checkpoints).
   # restore_step: resume from this checkpoint (None: the newest readable one).
   # ema_warmup: decay min(ema_decay, (1 + step) / (10 + step)) instead of a constant ema_decay (REPA: constant).

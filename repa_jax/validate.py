@@ -51,6 +51,8 @@ RULES: dict[str, Rule] = {
     "flow.path": one_of(PATHS), "flow.time_sampler": one_of(TIME_SAMPLERS),
     "align.weight": number(0, 100), "align.block": POSITIVE, "align.projector_dim": POSITIVE,
     "align.objective": one_of(OBJECTIVES), "align.temperature": number(0, 100, low_open=True),
+    "align.stop_step": number(0, integer=True, optional=True),
+    "disperse.stop_step": number(0, integer=True, optional=True),
     "disperse.weight": number(0, 100), "disperse.variant": one_of(VARIANTS),
     "disperse.temperature": number(0, 100, low_open=True), "disperse.group_size": number(2, integer=True, optional=True),
     "disperse.margin": number(0, 100),

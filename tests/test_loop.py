@@ -23,3 +23,15 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypa
   for a, b in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
   assert list((tmp_path / "a").glob("events.out.tfevents.*"))
+
+
+def test_a_run_resumed_across_a_stop_step_is_bit_identical(tmp_path):
+  def config(steps):
+    c = tiny_run_config(steps)
+    c.align.stop_step, c.disperse.stop_step = 4, 5  # both switch off after the resume at step 3
+    return c
+  uninterrupted = jax.device_get(train(config(6), str(tmp_path / "a")))
+  train(config(3), str(tmp_path / "b"))
+  resumed = jax.device_get(train(config(6), str(tmp_path / "b")))
+  for a, b in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)

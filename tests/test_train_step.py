@@ -97,6 +97,24 @@ def test_unknown_learning_rate_schedule_is_refused():
     learning_rate_schedule(config)
 
 
+def test_stop_steps_switch_the_terms_and_the_projector_updates_off():
+  config = tiny.get_config("reg=both")
+  config.align.stop_step, config.disperse.stop_step = 2, 3
+  step, state, batches = setup(config, (1, 1))
+  projectors = []
+  for i in range(4):
+    state, metrics = step(state, next(batches))
+    projectors.append(jax.device_get(state["params"]["projectors"]))
+    align = config.align.weight * metrics["align"] if i < 2 else 0.0
+    disperse = config.disperse.weight * metrics["disperse"] if i < 3 else 0.0
+    np.testing.assert_allclose(metrics["loss"], metrics["flow"] + align + disperse, rtol=1e-6, atol=1e-7)
+    assert np.isfinite(metrics["align"]) and np.isfinite(metrics["disperse"])  # still measured, for the logs
+  assert not np.allclose(*(jax.tree.leaves(p)[0] for p in projectors[:2]))  # trained before step 2
+  chex.assert_trees_all_equal(projectors[1], projectors[2], projectors[3])  # not one update from step 2 on
+  unstopped = jax.eval_shape(lambda: init_state(tiny.get_config("reg=both"), make_optimizer(config), None))
+  assert jax.tree.structure(state) == jax.tree.structure(unstopped)  # the parameter tree does not change
+
+
 def test_label_dropout_rate_and_null_class():
   labels = jnp.zeros((200_000,), jnp.int32)
   dropped = drop_labels(jax.random.key(0), labels, 0.1, num_classes=10)

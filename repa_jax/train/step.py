@@ -39,6 +39,11 @@ def check_features(features: dict, requirement: DatasetRequirement) -> None:
     check_encoder_features(name, tokens, width, requirement, "the train batch")
 
 
+def active(stop_step: int | None, step: jax.Array) -> jax.Array:
+  """1.0 while a regulariser with this stop step (None: never stops) is on at `step`, else 0.0."""
+  return jnp.float32(1.0) if stop_step is None else (step < stop_step).astype(jnp.float32)
+
+
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
   """Returns the pure `train_step(state, batch) -> (state, metrics)` for a config and model structure.
 
@@ -76,19 +81,21 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
         terms["align"], terms["align_cos"] = alignment_loss(
             projected, [batch["features"][name] for name in encoders], objective=align.objective,
             temperature=align.temperature)
-        total = total + align.weight * terms["align"]
+        total = total + align.weight * active(align.stop_step, state["step"]) * terms["align"]
       if disperse_blocks:
         terms["disperse"] = jnp.mean(jnp.stack([
             dispersive_loss(hiddens[k], variant=disperse.variant, temperature=disperse.temperature,
                             group_size=disperse.group_size, margin=disperse.margin) for k in disperse_blocks]))
-        total = total + disperse.weight * terms["disperse"]
+        total = total + disperse.weight * active(disperse.stop_step, state["step"]) * terms["disperse"]
       return total, terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    if not encoders:  # projectors without their term (align.weight 0) stay as they are, whatever Adam's momentum
-      updates = jax.tree_util.tree_map_with_path(
-          lambda path, u: jnp.zeros_like(u) if path[0].key == "projectors" else u, updates)
+    # Projectors without their term (align.weight 0, or from align.stop_step on) stay as they are, whatever Adam's
+    # momentum says.
+    projectors_train = active(align.stop_step, state["step"]) if encoders else False
+    updates = jax.tree_util.tree_map_with_path(
+        lambda path, u: jnp.where(projectors_train, u, 0) if path[0].key == "projectors" else u, updates)
     params = optax.apply_updates(state["params"], updates)
     decay = ema_decay(state["step"])
     ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema_params"], params)
