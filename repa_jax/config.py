@@ -18,10 +18,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.flow = dict(path="linear", time_sampler="uniform")
   # encoders: ((name, feature width), ...), a projector each: () = no REPA (see `select_regularizers`); weight scales
   # the term (0: not computed, the projectors stay in the parameter tree); block is 1-indexed (REPA's encoder_depth).
-  # stop_step (both regularisers; None: never): from this step on the term is 0 and its projectors stay as they are
-  # (HASTE stops alignment at 250K).
+  # stop_step (both regularisers; None: never): from this step on the term is 0 and its projectors stay as they are.
+  # projector: mlp (REPA: 3 linear layers of width projector_dim) | conv (iREPA: one projector_kernel^2 convolution
+  # over the token grid); target_norm: none | zscore (iREPA: (f - zscore_gamma * mean) / (std + 1e-6) over tokens).
   c.align = dict(weight=0.5, block=8, encoders=(("dinov2_vitb14", 768),), projector_dim=2048, objective="cosine",
-                 temperature=0.1, stop_step=placeholder(int))
+                 temperature=0.1, stop_step=placeholder(int), projector="mlp", projector_kernel=1, target_norm="none",
+                 zscore_gamma=0.6)
   # weight 0 switches it off (see `select_regularizers`); blocks None = (depth // 4,); group_size None = the whole
   # per-step batch.
   c.disperse = dict(weight=0.5, variant="infonce_l2", temperature=0.5, blocks=placeholder(tuple), group_size=16,
@@ -79,13 +81,21 @@ def choose(name: str, value: str, options: dict):
   return options[value]
 
 
-REGULARIZERS = {"none": (), "repa": ("align",), "disperse": ("disperse",), "both": ("align", "disperse")}
+# reg preset -> (the regularisers it keeps, the config fields it sets). irepa: iREPA's latent-model preset
+# (End2End-Diffusion/iREPA ldm/configs/irepa.yaml: conv projector, zscore targets, coefficient 1.0) with the 3 x 3
+# kernel of its README (its ldm/train.py defaults to 1); see docs/method.md.
+IREPA = {"projector": "conv", "projector_kernel": 3, "target_norm": "zscore", "zscore_gamma": 0.6, "weight": 1.0}
+REGULARIZERS = {"none": ((), {}), "repa": (("align",), {}), "disperse": (("disperse",), {}),
+                "both": (("align", "disperse"), {}), "irepa": (("align",), {"align": IREPA}),
+                "irepa+disperse": (("align", "disperse"), {"align": IREPA})}
 
 
 def select_regularizers(c: ml_collections.ConfigDict, reg: str) -> None:
-  """Keep the regularisers named by `reg` (none | repa | disperse | both) and switch the others off: without REPA the
-  model has no projectors (align.encoders = ()), without the dispersive term its weight is 0."""
-  kept = choose("reg", reg, REGULARIZERS)
+  """Keep the regularisers of preset `reg` (a REGULARIZERS key), set its fields, and switch the others off: without
+  alignment the model has no projectors (align.encoders = ()), without the dispersive term its weight is 0."""
+  kept, fields = choose("reg", reg, REGULARIZERS)
+  for section, values in fields.items():
+    c[section].update(values)
   if "align" not in kept:
     c.align.encoders = ()
   if "disperse" not in kept:

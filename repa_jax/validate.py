@@ -6,12 +6,12 @@ from collections.abc import Callable
 import ml_collections
 
 from repa_jax.data.features import QUANTIZATIONS
-from repa_jax.objectives.alignment import OBJECTIVES
+from repa_jax.objectives.alignment import OBJECTIVES, TARGET_NORMS
 from repa_jax.objectives.dispersive import VARIANTS
 from repa_jax.objectives.flow import PATHS, TIME_SAMPLERS
 from repa_jax.sample.generate import LABEL_MODES
 from repa_jax.sample.samplers import SAMPLERS
-from repa_jax.specs.model import DTYPES, REMAT
+from repa_jax.specs.model import DTYPES, PROJECTORS, REMAT
 from repa_jax.train.state import LR_SCHEDULES
 
 Rule = Callable[[object], str | None]  # value -> what is allowed, if the value is not
@@ -51,7 +51,9 @@ RULES: dict[str, Rule] = {
     "flow.path": one_of(PATHS), "flow.time_sampler": one_of(TIME_SAMPLERS),
     "align.weight": number(0, 100), "align.block": POSITIVE, "align.projector_dim": POSITIVE,
     "align.objective": one_of(OBJECTIVES), "align.temperature": number(0, 100, low_open=True),
-    "align.stop_step": number(0, integer=True, optional=True),
+    "align.stop_step": number(0, integer=True, optional=True), "align.projector": one_of(PROJECTORS),
+    "align.projector_kernel": lambda k: POSITIVE(k) or (None if k % 2 else "an odd integer (a centred kernel)"),
+    "align.target_norm": one_of(TARGET_NORMS), "align.zscore_gamma": number(0, 1),
     "disperse.stop_step": number(0, integer=True, optional=True),
     "disperse.weight": number(0, 100), "disperse.variant": one_of(VARIANTS),
     "disperse.temperature": number(0, 100, low_open=True), "disperse.group_size": number(2, integer=True, optional=True),

@@ -1,4 +1,5 @@
-"""REPA alignment objective vs float64 NumPy references written from docs/method.md section 2."""
+"""REPA alignment objective (and iREPA's z-scored targets) vs float64 NumPy references written from docs/method.md
+section 2."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -209,3 +210,48 @@ def test_unknown_objective_raises():
   a = jnp.ones((2, 4, 6))
   with pytest.raises(ValueError, match=r"config\.align\.objective"):
     alignment.alignment_loss([a], [a], objective="mse")
+
+
+# ---------------------------------------------------------------- iREPA: z-scored targets, convolution projector
+
+
+def np_zscore(f, gamma, eps=EPS):
+  """Per image and channel, over the tokens with explicit loops: (f - gamma * mean) / (unbiased std + eps)."""
+  b, n, c = f.shape
+  out = np.empty_like(f, dtype=np.float64)
+  for i in range(b):
+    for k in range(c):
+      column = f[i, :, k].astype(np.float64)
+      mean = column.sum() / n
+      std = np.sqrt(((column - mean) ** 2).sum() / (n - 1))
+      out[i, :, k] = (column - gamma * mean) / (std + eps)
+  return out
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.6, 1.0])
+def test_zscore_targets_vs_numpy(gamma):
+  f = np.random.default_rng(0).normal(2.0, 3.0, (3, 9, 5)).astype(np.float32)
+  np.testing.assert_allclose(alignment.zscore_tokens(jnp.asarray(f), gamma), np_zscore(f, gamma), rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_array_equal(alignment.normalize_targets(jnp.asarray(f), "none", gamma), f)
+  with pytest.raises(ValueError, match="config.align.target_norm='l2'"):
+    alignment.normalize_targets(jnp.asarray(f), "l2", gamma)
+
+
+def test_loss_gradient_with_zscored_targets_vs_numpy():
+  rng = np.random.default_rng(1)
+  p, f = rng.normal(size=(2, 4, 6)), rng.normal(1.0, 2.0, size=(2, 4, 6))
+  target = np_zscore(f, 0.6)
+
+  def np_loss(pred):
+    return -np_cosine_table(pred, target).mean()
+
+  loss = lambda x: alignment.alignment_loss([x], [alignment.zscore_tokens(jnp.asarray(f, jnp.float32), 0.6)])[0]
+  grad = np.asarray(jax.grad(loss)(jnp.asarray(p, jnp.float32)))
+  numeric = np.zeros_like(p)
+  for index in np.ndindex(p.shape):
+    step = np.zeros_like(p)
+    step[index] = 1e-5
+    numeric[index] = (np_loss(p + step) - np_loss(p - step)) / 2e-5
+  np.testing.assert_allclose(float(loss(jnp.asarray(p, jnp.float32))), np_loss(p), rtol=1e-5)
+  np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-5)

@@ -10,7 +10,7 @@ from repa_jax.validate import RULES, validate
 from tests.processes import ROOT
 
 # Fields where the value is allowed, written out independently of the rules in repa_jax/validate.py.
-ZERO_ALLOWED = {"seed", "align.weight", "align.stop_step", "disperse.weight", "disperse.stop_step", "disperse.margin", "train.warmup_steps", "train.b1",
+ZERO_ALLOWED = {"seed", "align.weight", "align.stop_step", "align.zscore_gamma", "disperse.weight", "disperse.stop_step", "disperse.margin", "train.warmup_steps", "train.b1",
                 "train.b2", "train.weight_decay", "train.ema_decay", "train.label_dropout", "train.restore_step",
                 "sample.cfg_scale", "sample.guidance_low", "sample.seed", "sample.checkpoint_step",
                 "evaluate.cfg_scale", "evaluate.guidance_low"}
@@ -101,7 +101,7 @@ def test_an_empty_guidance_interval_is_refused():
 
 @pytest.mark.parametrize("config", [
     *(tiny.get_config(f"reg={r}") for r in ("none", "repa", "disperse", "both")),
-    *(fashion_mnist.get_config(f"reg={r}") for r in ("none", "repa", "disperse", "both")),
+    *(fashion_mnist.get_config(f"reg={r}") for r in ("none", "repa", "disperse", "both", "irepa", "irepa+disperse")),
     *(imagenet.get_config(f"model={m},reg=repa") for m in ("S/2", "B/2", "L/2", "XL/2"))])
 def test_the_shipped_configs_pass(config):
   validate(config)

@@ -146,6 +146,9 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], config: ml_collections
   if source not in SOURCES:
     raise ValueError(f"source {source!r}: use one of {SOURCES}")
   state_dict = rename_legacy_blocks(state_dict)
+  if config.align.encoders and config.align.projector != "mlp":
+    raise ValueError(f"config.align.projector={config.align.projector!r}: the official REPA / SiT checkpoints have "
+                     "MLP projectors; convert with config.align.projector='mlp' (or without alignment: reg=none)")
   spec = model_spec(config).sit
   abstract = abstract_params(model_spec(config))
   projector_index = {name: k for k, name in enumerate(abstract.get("projectors", {}))}

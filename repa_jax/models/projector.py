@@ -1,9 +1,10 @@
-"""The REPA projector: per token Linear(D, 2048) - SiLU - Linear(2048, 2048) - SiLU - Linear(2048, z_dim)."""
+"""The projectors from SiT hidden tokens to an encoder's feature width: REPA's MLP per token, Linear(D, 2048) - SiLU -
+Linear(2048, 2048) - SiLU - Linear(2048, z_dim); iREPA's single k x k convolution over the token grid."""
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from repa_jax.models.layers import linear
+from repa_jax.models.layers import linear, xavier, zeros
 
 
 class Projector(nnx.Module):
@@ -16,3 +17,18 @@ class Projector(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc3(nnx.silu(self.fc2(nnx.silu(self.fc1(x)))))
+
+
+class ConvProjector(nnx.Module):
+  """[B, N, D] -> [B, N, z_dim]: the tokens as their [h, w] grid, one k x k convolution (stride 1, 'SAME' padding, as
+  iREPA's Conv2d(padding=k // 2) for odd k), back to tokens. Xavier-uniform weights, zero bias."""
+
+  def __init__(self, width: int, z_dim: int, grid: tuple[int, int], rngs: nnx.Rngs, *, kernel: int = 1,
+               dtype=jnp.float32):
+    self.grid = grid
+    self.conv = nnx.Conv(width, z_dim, (kernel, kernel), padding="SAME", dtype=dtype, param_dtype=jnp.float32,
+                         kernel_init=xavier, bias_init=zeros, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, n, d = x.shape
+    return self.conv(x.reshape(b, *self.grid, d)).reshape(b, n, -1)

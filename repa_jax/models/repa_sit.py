@@ -3,7 +3,7 @@ only)."""
 import jax
 from flax import nnx
 
-from repa_jax.models.projector import Projector
+from repa_jax.models.projector import ConvProjector, Projector
 from repa_jax.models.sit import SiT
 from repa_jax.specs.model import ModelSpec
 
@@ -14,8 +14,11 @@ class RepaSiT(nnx.Module):
   def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
     dtype = spec.compute_dtype
     self.sit = SiT(spec.sit, rngs, dtype=dtype, remat=spec.remat)
-    self.projectors = nnx.Dict({name: Projector(spec.sit.width, width, rngs, hidden=spec.projector_dim, dtype=dtype)
-                                for name, width in spec.encoders})
+    def projector(z_dim: int):
+      if spec.projector == "conv":
+        return ConvProjector(spec.sit.width, z_dim, spec.sit.grid, rngs, kernel=spec.projector_kernel, dtype=dtype)
+      return Projector(spec.sit.width, z_dim, rngs, hidden=spec.projector_dim, dtype=dtype)
+    self.projectors = nnx.Dict({name: projector(width) for name, width in spec.encoders})
 
 
 def build_model(spec: ModelSpec, key: jax.Array) -> RepaSiT:

@@ -8,6 +8,23 @@ import jax
 import jax.numpy as jnp
 
 OBJECTIVES = ("cosine", "ntxent")
+TARGET_NORMS = ("none", "zscore")
+
+
+def zscore_tokens(features: jax.Array, gamma: float, eps: float = 1e-6) -> jax.Array:
+  """iREPA's spatial normalisation of encoder targets: (f - gamma * mean_N(f)) / (std_N(f) + eps), mean and
+  (unbiased, as torch.std) standard deviation over the N tokens of each image and channel. [B, N, C] -> [B, N, C]."""
+  f = features.astype(jnp.float32)
+  return (f - gamma * f.mean(axis=1, keepdims=True)) / (jnp.std(f, axis=1, ddof=1, keepdims=True) + eps)
+
+
+def normalize_targets(features: jax.Array, method: str, gamma: float) -> jax.Array:
+  """The alignment target of encoder features [B, N, C] under config.align.target_norm (one of TARGET_NORMS)."""
+  if method == "none":
+    return features
+  if method == "zscore":
+    return zscore_tokens(features, gamma)
+  raise ValueError(f"config.align.target_norm={method!r}: use one of {TARGET_NORMS}")
 
 
 def l2_normalize(x: jax.Array, eps: float) -> jax.Array:

@@ -8,6 +8,7 @@ import ml_collections
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 PATCH_SIZES = (1, 2, 4, 8)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PROJECTORS = ("mlp", "conv")  # REPA's MLP per token, iREPA's convolution over the token grid
 REMAT = ("none", "dots", "full")  # what a SiT block saves for the backward pass (models.sit.REMAT_POLICIES)
 
 
@@ -34,7 +35,8 @@ class SiTSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """The trained model: the SiT, one REPA projector per aligned encoder (name, feature width), its hidden width, and
+  """The trained model: the SiT, one REPA projector per aligned encoder (name, feature width) of kind `projector`
+  (one of PROJECTORS; the MLP's hidden width projector_dim, the convolution's kernel projector_kernel), and
   the compute dtype ('float32' | 'bfloat16') and the blocks' rematerialisation (one of REMAT; it changes what the
   backward pass stores and recomputes, never a value). The projectors exist iff `encoders` is non-empty, whatever the
   loss weights: a weight only scales its term."""
@@ -43,12 +45,16 @@ class ModelSpec:
   projector_dim: int
   dtype: str = "float32"
   remat: str = "none"
+  projector: str = "mlp"
+  projector_kernel: int = 1
 
   def __post_init__(self):
     if self.dtype not in DTYPES:
       raise ValueError(f"config.model.dtype={self.dtype!r}: use one of {sorted(DTYPES)}")
     if self.remat not in REMAT:
       raise ValueError(f"config.model.remat={self.remat!r}: use one of {REMAT}")
+    if self.projector not in PROJECTORS:
+      raise ValueError(f"config.align.projector={self.projector!r}: use one of {PROJECTORS}")
 
   @property
   def compute_dtype(self):
@@ -83,7 +89,8 @@ def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
   """The model of a config: its SiT and a projector for each of config.align.encoders."""
   return ModelSpec(sit=sit_spec(config), encoders=tuple((str(n), int(w)) for n, w in config.align.encoders),
                    projector_dim=config.align.projector_dim, dtype=config.model.dtype,
-                   remat=config.model.remat)
+                   remat=config.model.remat, projector=config.align.projector,
+                   projector_kernel=config.align.projector_kernel)
 
 
 def aligned_encoders(config: ml_collections.ConfigDict) -> dict[str, int]:

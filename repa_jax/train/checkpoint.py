@@ -24,6 +24,8 @@ def checkpoint_dir(workdir: str) -> epath.Path:
 
 # The config.model fields that fix the parameter tree (dtype and remat only change how it is computed).
 MODEL_SHAPE_FIELDS = ("name", "depth", "width", "num_heads")
+# Architecture fields added after checkpoints were first written, with the value those checkpoints had.
+LATER_FIELDS = {"align.projector": ["mlp", 1]}
 
 
 def architecture(config: ml_collections.ConfigDict) -> dict:
@@ -31,7 +33,9 @@ def architecture(config: ml_collections.ConfigDict) -> dict:
   fields = {"model": {k: config.model[k] for k in MODEL_SHAPE_FIELDS}, "data.latent_shape": config.data.latent_shape,
             "data.num_classes": config.data.num_classes,
             "align.encoders": config.align.encoders,
-            "align.projector_dim": config.align.projector_dim if config.align.encoders else None}
+            "align.projector_dim": config.align.projector_dim if config.align.encoders else None,
+            "align.projector": [config.align.projector, config.align.projector_kernel] if config.align.encoders
+                               else LATER_FIELDS["align.projector"]}
   return json.loads(json.dumps(fields))  # tuples -> lists, as the checkpoint's JSON holds them
 
 
@@ -44,6 +48,7 @@ def check_architecture(saved: dict, config: ml_collections.ConfigDict, where: st
   dict, only the keys the config's has: checkpoints that also recorded config.model.dtype restore in any dtype)."""
   wanted = architecture(config)
   restrict = lambda value, like: {k: value.get(k) for k in like} if isinstance(value, dict) else value
+  saved = {**LATER_FIELDS, **saved}
   differ = [f"{k}: checkpoint {restrict(saved.get(k), v)!r} vs config {v!r}" for k, v in wanted.items()
             if restrict(saved.get(k), v) != v]
   if differ:

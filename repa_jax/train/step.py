@@ -5,7 +5,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from repa_jax.objectives.alignment import alignment_loss
+from repa_jax.objectives.alignment import alignment_loss, normalize_targets
 from repa_jax.objectives.dispersive import dispersive_loss
 from repa_jax.objectives.flow import flow_loss, interpolate, sample_time
 from repa_jax.models.repa_sit import model_graphdef
@@ -79,7 +79,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
       if encoders:
         projected = [model.projectors[name](hiddens[align.block]) for name in encoders]
         terms["align"], terms["align_cos"] = alignment_loss(
-            projected, [batch["features"][name] for name in encoders], objective=align.objective,
+            projected, [normalize_targets(batch["features"][name], align.target_norm, align.zscore_gamma)
+                        for name in encoders], objective=align.objective,
             temperature=align.temperature)
         total = total + align.weight * active(align.stop_step, state["step"]) * terms["align"]
       if disperse_blocks:
