@@ -1,12 +1,14 @@
 """Fashion-MNIST (the embedded default), sized for a 2-core CPU: `configs/fashion_mnist.py:reg=repa`.
 
-reg: none | repa | disperse | both. Pixel space (identity autoencoder), 28x28x1, SiT patch 4 -> 7x7 = 49 tokens, depth 6,
+reg: none | repa | disperse | both | irepa | irepa+disperse (repa_jax.config.REGULARIZERS). Pixel space (identity autoencoder), 28x28x1, SiT patch 4 -> 7x7 = 49 tokens, depth 6,
 width 128, 2 heads. REPA aligns block 2 to the project's own small ViT encoder ('fmnist_vit', trained on the train split and
 cached under config.precompute.encoder_dir); the dispersive term reads block depth // 4 = 1.
 
 The training recipe and the sampler were chosen by benchmarks/fashion_mnist_sweep.py (docs/fashion_mnist_recipe.md),
 not copied from ImageNet: a short run wants a high learning rate after a warm-up and an EMA whose decay warms up;
-its samples are best with REPA's kind of sampler, the SDE with guidance on t <= 0.7.
+its samples are best with REPA's kind of sampler, the SDE with guidance on t <= 0.7. The blocks rematerialise all
+but their matmuls (model.remat='dots'): on a 2-core CPU that makes the step ~1.2x faster (less memory traffic), which
+buys 1900 steps instead of 1600 in the same time.
 """
 from repa_jax.config import base_config, parse_arg, select_regularizers
 
@@ -16,15 +18,15 @@ ENCODER_WIDTH = 64  # the width of the 'fmnist_vit' encoder (repa_jax.models.sup
 def get_config(arg=None):
   args = parse_arg(arg, {"reg": "repa"})
   c = base_config()
-  c.model.update(name="S/4", depth=6, width=128, num_heads=2)
+  c.model.update(name="S/4", depth=6, width=128, num_heads=2, remat="dots")
   c.data.update(source="features", directory="data/fashion_mnist_fmnist_vit", split="train", latent_shape=(28, 28, 1),
                 num_classes=10, autoencoder="identity", latent_scale=1.0)
   c.flow.time_sampler = "lognormal"
   c.align.update(block=2, encoders=(("fmnist_vit", ENCODER_WIDTH),), projector_dim=256)
   c.disperse.update(group_size=16)
   select_regularizers(c, args["reg"])
-  c.train.update(batch_size=32, steps=1600, lr=4e-3, warmup_steps=100, ema_decay=0.999, ema_warmup=True,
-                 log_every=100, checkpoint_every=800)
+  c.train.update(batch_size=32, steps=1900, lr=4e-3, warmup_steps=100, ema_decay=0.999, ema_warmup=True,
+                 log_every=100, checkpoint_every=950)
   # The main job's sampler (REPA's kind: SDE, guidance on t <= 0.7), also for in-training evaluation.
   sampler = dict(sampler="sde", steps=50, cfg_scale=2.5, guidance_high=0.7)
   c.evaluate.update(num_samples=1000, batch_size=200, **sampler)
