@@ -33,7 +33,7 @@ from repa_jax.train.loop import train  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ARMS = ("none", "repa", "disperse", "both")
+ARMS = ("none", "repa", "disperse", "both")  # over --seeds; --extra_arms (other presets) run seed 0 only
 # The study's evaluations: Euler 25 with CFG 2.0 on every step (50 model rows per sample, 0.6x the main job's SDE).
 EVAL_SAMPLER = {"sampler": "euler", "steps": 25, "cfg_scale": 2.0, "guidance_low": 0.0, "guidance_high": 1.0}
 GRID = tuple((weight, temperature) for weight in (0.1, 0.25, 0.5) for temperature in (0.5, 1.0))
@@ -44,6 +44,7 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every arm.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 100, "Evaluate every this many steps.")
 _EVAL_SAMPLES = flags.DEFINE_integer("eval_samples", 500, "Samples per evaluation.")
 _GRID = flags.DEFINE_bool("disperse_grid", False, "Run the Dispersive Loss grid instead of the arms.")
+_EXTRA_ARMS = flags.DEFINE_list("extra_arms", ["irepa"], "Further presets (repa_jax.config.REGULARIZERS), one seed.")
 
 
 def run_config(arm: str, seed: int, steps: int, eval_every: int, disperse: tuple[float, float] | None):
@@ -117,14 +118,15 @@ def report(results: dict[str, list[dict]], disperse: tuple[float, float]) -> str
            f"{target:.1f} (none's end) | s / step | load avg |", "|---" * (len(steps) + 6) + "|"]
   for arm, runs in results.items():
     reach = [steps_to(r["evals"], target) for r in runs]
-    lines.append(f"| {arm} | {len(runs)} | " + " | ".join(f"{m:.1f} +- {s:.1f}" for m, s in zip(fd[arm].mean(0),
-                                                                              fd[arm].std(0, ddof=1))) +
-                 f" | {acc[arm].mean():.3f} +- {acc[arm].std(ddof=1):.3f} | {reach} | "
+    spread = lambda values, digits=1: f" +- {values.std(ddof=1):.{digits}f}" if len(runs) > 1 else " (one seed)"
+    lines.append(f"| {arm} | {len(runs)} | " + " | ".join(f"{m:.1f}{spread(column)}"
+                                                         for m, column in zip(fd[arm].mean(0), fd[arm].T)) +
+                 f" | {acc[arm].mean():.3f}{spread(acc[arm], 3)} | {reach} | "
                  f"{np.mean([r['s_per_step'] for r in runs]):.3f} | "
                  f"{min(r['load_before'] for r in runs):.1f}-{max(r['load_after'] for r in runs):.1f} |")
   lines.append("")
   for arm in results:
-    if arm == "none":
+    if arm == "none" or len(results[arm]) < 2:  # one seed: no test
       continue
     for metric, values in (("FD at the end", {a: v[:, -1] for a, v in fd.items()}), ("class accuracy", acc)):
       test = scipy.stats.ttest_ind(values[arm], values["none"], equal_var=False)
@@ -139,7 +141,9 @@ def plot(results: dict[str, list[dict]], path: epath.Path) -> None:
   for arm, runs in results.items():
     steps = [e["step"] for e in runs[0]["evals"]]
     fd = np.array([[e["fid"] for e in r["evals"]] for r in runs])
-    ax.errorbar(steps, fd.mean(0), yerr=fd.std(0, ddof=1), marker="o", capsize=3, label=arm)
+    several = len(runs) > 1
+    ax.errorbar(steps, fd.mean(0), yerr=fd.std(0, ddof=1) if several else None, marker="o", capsize=3,
+                linestyle="-" if several else "--", label=arm if several else f"{arm} (one seed)")
   ax.set(xlabel="training step (batch 32)", ylabel="FD (CNN features vs test split)", yscale="log",
          title="SiT-S/4 on Fashion-MNIST, mean +- std over seeds")
   ax.legend()
@@ -154,8 +158,9 @@ def main(argv):
   disperse = grid()
   if _GRID.value:
     return
+  seeds = {**{arm: _SEEDS.value for arm in ARMS}, **{arm: _SEEDS.value[:1] for arm in _EXTRA_ARMS.value}}
   results = {arm: [run(f"{arm}_seed{seed}", run_config(arm, int(seed), _STEPS.value, _EVAL_EVERY.value, disperse))
-                   for seed in _SEEDS.value] for arm in ARMS}
+                   for seed in arm_seeds] for arm, arm_seeds in seeds.items()}
   text = report(results, disperse)
   (root / "study.md").write_text(text + "\n")
   plot(results, root / "study.png")
