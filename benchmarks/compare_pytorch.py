@@ -28,7 +28,7 @@ from absl import app, flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repository root, for configs/, tests/
 from configs import fashion_mnist, imagenet  # noqa: E402
 from repa_jax.specs import sharding  # noqa: E402
-from repa_jax.specs.model import sit_spec  # noqa: E402
+from repa_jax.specs.model import REMAT, sit_spec  # noqa: E402
 from repa_jax.train.loop import make_batches  # noqa: E402
 from repa_jax.train.state import abstract_state, init_state, make_optimizer  # noqa: E402
 from repa_jax.train.step import jit_train_step  # noqa: E402
@@ -41,6 +41,8 @@ _CASES = flags.DEFINE_list("cases", list(CASES), f"Cases, of {list(CASES)}.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per side and round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds (each times both sides).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps per side first.")
+_REMAT = flags.DEFINE_enum("remat", None, list(REMAT), "repa_jax's model.remat (default: the case config's; it "
+                           "changes what the backward pass stores, not what is computed).")
 
 
 def case_config(name: str):
@@ -49,6 +51,8 @@ def case_config(name: str):
   config = make()
   config.model.dtype = "float32"
   config.data.source = "synthetic"
+  if _REMAT.value:
+    config.model.remat = _REMAT.value
   if batch:
     config.train.batch_size = batch
   return config
@@ -137,10 +141,10 @@ def main(argv):
     medians = {side: statistics.median(values) for side, values in times.items()}
     ratio = medians["pytorch"] / medians["repa_jax"]
     print(f"{name}: SiT depth {spec.depth} width {spec.width} tokens {spec.num_tokens}, batch "
-          f"{config.train.batch_size} | repa_jax {medians['repa_jax'] * 1e3:.1f} ms/step, PyTorch "
+          f"{config.train.batch_size}, remat {config.model.remat} | repa_jax {medians['repa_jax'] * 1e3:.1f} ms/step, PyTorch "
           f"{medians['pytorch'] * 1e3:.1f} ms/step | repa_jax is {ratio:.2f}x the official step's speed | "
           f"load {load_before:.2f} -> {os.getloadavg()[0]:.2f}", flush=True)
-    print(f"SUMMARY case={name} jax_ms={medians['repa_jax'] * 1e3:.2f} torch_ms={medians['pytorch'] * 1e3:.2f} "
+    print(f"SUMMARY case={name} remat={config.model.remat} jax_ms={medians['repa_jax'] * 1e3:.2f} torch_ms={medians['pytorch'] * 1e3:.2f} "
           f"ratio={ratio:.3f} loadavg_1m={os.getloadavg()[0]:.2f}", flush=True)
 
 
