@@ -33,7 +33,7 @@ from repa_jax.train.loop import train  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ARMS = ("none", "repa", "disperse", "both")  # over --seeds; --extra_arms (other presets) run seed 0 only
+ARMS = ("none", "repa", "disperse", "both")  # over --seeds; --extra_arms (other presets) over --extra_seeds
 # The study's evaluations: Euler 25 with CFG 2.0 on every step (50 model rows per sample, 0.6x the main job's SDE).
 EVAL_SAMPLER = {"sampler": "euler", "steps": 25, "cfg_scale": 2.0, "guidance_low": 0.0, "guidance_high": 1.0}
 GRID = tuple((weight, temperature) for weight in (0.1, 0.25, 0.5) for temperature in (0.5, 1.0))
@@ -44,7 +44,9 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every arm.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 100, "Evaluate every this many steps.")
 _EVAL_SAMPLES = flags.DEFINE_integer("eval_samples", 500, "Samples per evaluation.")
 _GRID = flags.DEFINE_bool("disperse_grid", False, "Run the Dispersive Loss grid instead of the arms.")
-_EXTRA_ARMS = flags.DEFINE_list("extra_arms", ["irepa"], "Further presets (repa_jax.config.REGULARIZERS), one seed.")
+_EXTRA_ARMS = flags.DEFINE_list("extra_arms", ["irepa"], "Further presets (repa_jax.config.REGULARIZERS).")
+_EXTRA_SEEDS = flags.DEFINE_integer("extra_seeds", 1, "Seeds of each extra arm: the first this many of --seeds (more "
+                                    "than one for a promising arm).")
 
 
 def run_config(arm: str, seed: int, steps: int, eval_every: int, disperse: tuple[float, float] | None):
@@ -158,7 +160,7 @@ def main(argv):
   disperse = grid()
   if _GRID.value:
     return
-  seeds = {**{arm: _SEEDS.value for arm in ARMS}, **{arm: _SEEDS.value[:1] for arm in _EXTRA_ARMS.value}}
+  seeds = {**{arm: _SEEDS.value for arm in ARMS}, **{arm: _SEEDS.value[:_EXTRA_SEEDS.value] for arm in _EXTRA_ARMS.value}}
   results = {arm: [run(f"{arm}_seed{seed}", run_config(arm, int(seed), _STEPS.value, _EVAL_EVERY.value, disperse))
                    for seed in arm_seeds] for arm, arm_seeds in seeds.items()}
   text = report(results, disperse)
