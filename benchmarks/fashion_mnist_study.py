@@ -127,13 +127,15 @@ def report(results: dict[str, list[dict]], disperse: tuple[float, float]) -> str
                  f"{np.mean([r['s_per_step'] for r in runs]):.3f} | "
                  f"{min(r['load_before'] for r in runs):.1f}-{max(r['load_after'] for r in runs):.1f} |")
   lines.append("")
-  for arm in results:
-    if arm == "none" or len(results[arm]) < 2:  # one seed: no test
+  # Every arm against none; the extra arms (other presets) also against repa, the method they modify.
+  pairs = [(arm, "none") for arm in results if arm != "none"] + [(arm, "repa") for arm in results if arm not in ARMS]
+  for arm, other in pairs:
+    if len(results[arm]) < 2:  # one seed: no test
       continue
     for metric, values in (("FD at the end", {a: v[:, -1] for a, v in fd.items()}), ("class accuracy", acc)):
-      test = scipy.stats.ttest_ind(values[arm], values["none"], equal_var=False)
+      test = scipy.stats.ttest_ind(values[arm], values[other], equal_var=False)
       verdict = "significant" if test.pvalue < 0.05 else "not significant"
-      lines.append(f"- {arm} vs none, {metric}: {values[arm].mean():.3f} vs {values['none'].mean():.3f}, Welch's "
+      lines.append(f"- {arm} vs {other}, {metric}: {values[arm].mean():.3f} vs {values[other].mean():.3f}, Welch's "
                    f"t = {test.statistic:.2f}, p = {test.pvalue:.3f}: {verdict} at 0.05.")
   return "\n".join(lines)
 
