@@ -162,7 +162,8 @@ def main(argv):
   disperse = grid()
   if _GRID.value:
     return
-  seeds = {**{arm: _SEEDS.value for arm in ARMS}, **{arm: _SEEDS.value[:_EXTRA_SEEDS.value] for arm in _EXTRA_ARMS.value}}
+  seeds = {**{arm: _SEEDS.value for arm in ARMS},
+           **{arm: _SEEDS.value[:_EXTRA_SEEDS.value] for arm in _EXTRA_ARMS.value}}
   results = {arm: [run(f"{arm}_seed{seed}", run_config(arm, int(seed), _STEPS.value, _EVAL_EVERY.value, disperse))
                    for seed in arm_seeds] for arm, arm_seeds in seeds.items()}
   text = report(results, disperse)

@@ -2,6 +2,7 @@
 
   python benchmarks/train_step.py --config=configs/imagenet.py:model=B/2,reg=repa --batch=8 --steps=5
   python benchmarks/train_step.py --config=configs/tiny.py --batch=8 --steps=5 --config.model.dtype=bfloat16
+  python benchmarks/train_step.py --config=configs/fashion_mnist.py --batch=32 --config.model.remat=none  # vs 'dots'
 
 The mesh, state, optimizer, batches and the jitted step are built by the same library functions as
 `repa_jax.train.loop.train` (data.source is forced to 'synthetic'; the batch is config.train.batch_size = --batch).

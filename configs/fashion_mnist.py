@@ -1,7 +1,7 @@
 """Fashion-MNIST (the embedded default), sized for a 2-core CPU: `configs/fashion_mnist.py:reg=repa`.
 
-reg: none | repa | disperse | both | irepa | irepa+disperse (repa_jax.config.REGULARIZERS). Pixel space (identity autoencoder), 28x28x1, SiT patch 4 -> 7x7 = 49 tokens, depth 6,
-width 128, 2 heads. REPA aligns block 2 to the project's own small ViT encoder ('fmnist_vit', trained on the train split and
+reg: none | repa | disperse | both | irepa | irepa+disperse (repa_jax.config.REGULARIZERS). Pixel space (identity
+autoencoder), 28x28x1, SiT patch 4 -> 7x7 = 49 tokens, depth 6, width 128, 2 heads. REPA aligns block 2 to the project's own small ViT encoder ('fmnist_vit', trained on the train split and
 cached under config.precompute.encoder_dir); the dispersive term reads block depth // 4 = 1.
 
 The training recipe and the sampler were chosen by benchmarks/fashion_mnist_sweep.py (docs/fashion_mnist_recipe.md),

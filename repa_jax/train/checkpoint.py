@@ -11,8 +11,8 @@ import re
 import sys
 
 import ml_collections
-from absl import logging
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 
@@ -52,8 +52,8 @@ def check_architecture(saved: dict, config: ml_collections.ConfigDict, where: st
   differ = [f"{k}: checkpoint {restrict(saved.get(k), v)!r} vs config {v!r}" for k, v in wanted.items()
             if restrict(saved.get(k), v) != v]
   if differ:
-    raise IncompatibleCheckpoint(f"the checkpoint in {where} is from an incompatible config ({'; '.join(differ)}): run with the "
-                     "config it was trained with, or pass another --workdir")
+    raise IncompatibleCheckpoint(f"the checkpoint in {where} is from an incompatible config ({'; '.join(differ)}): "
+                                 "run with the config it was trained with, or pass another --workdir")
 
 
 def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
