@@ -10,10 +10,12 @@ import os
 import re
 import sys
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -126,16 +128,19 @@ def _newest_readable(manager: ocp.CheckpointManager, steps: list[int], restore, 
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
-  """Renames unreadable checkpoints to <step>.corrupt (<step>.corrupt.<n> if taken), out of the manager's view."""
-  for step in steps:
+  """Renames unreadable checkpoints to <step>.corrupt (<step>.corrupt.<n> if taken), out of the manager's view; on
+  process 0 only, the others wait for it."""
+  if not steps:
+    return
+  for step in steps if jax.process_index() == 0 else ():
     source = epath.Path(manager.directory) / str(step)
     target, n = source.parent / f"{step}.corrupt", 1
     while target.exists():
       target, n = source.parent / f"{step}.corrupt.{n}", n + 1
     source.rename(target)
     logging.warning("set aside the unreadable checkpoint %s as %s (a newer one will be written)", source, target)
-  if steps:
-    manager.reload()
+  multihost_utils.sync_global_devices("unreadable checkpoints set aside")
+  manager.reload()
 
 
 def restore_latest(manager: ocp.CheckpointManager, target, config: ml_collections.ConfigDict
