@@ -145,12 +145,13 @@ def pending_shards(directory: epath.PathLike, split: str, num_shards: int, proce
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in range(process_count={process_count}).")
   directory = epath.Path(directory)
+  spec = features.read_spec(directory) if verify and (directory / features.METADATA_FILE).exists() else None
   pending = []
   for shard in range(process_index, num_shards, process_count):
     path = features.shard_path(directory, split, shard, num_shards)
     if not path.exists():
       pending.append(shard)
-    elif (problem := verify_shard(features.read_spec(directory), path) if verify else shard_problem(path)):
+    elif (problem := verify_shard(spec, path) if verify else shard_problem(path)):
       logging.warning("feature shard %s is damaged (%s): rewriting it", path, problem)
       pending.append(shard)
   return pending

@@ -167,8 +167,7 @@ def samples_to_evaluate(config: ml_collections.ConfigDict, workdir: str) -> epat
   a warning names the newer checkpoints without them."""
   if config.sample.checkpoint_step is not None:
     return output_dir(config, workdir) / "samples.npz"
-  steps = checkpoint.all_steps(workdir)
-  newest = output_dir(config, workdir, checkpoint.latest_step(workdir)) / "samples.npz"
+  steps = checkpoint.all_steps(workdir) or [checkpoint.latest_step(workdir)]  # latest_step: the error when none
   for step in reversed(steps):
     path = output_dir(config, workdir, step) / "samples.npz"
     if path.exists():
@@ -176,7 +175,7 @@ def samples_to_evaluate(config: ml_collections.ConfigDict, workdir: str) -> epat
         logging.warning("evaluating the samples of checkpoint %d: the newer checkpoints %s have none of this sampler "
                         "setting (run --mode=sample to sample them)", step, [s for s in steps if s > step])
       return path
-  return newest  # none sampled yet: the evaluator names this missing file and the fix
+  return output_dir(config, workdir, steps[-1]) / "samples.npz"  # none sampled yet: evaluate names it and the fix
 
 
 def generate(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
