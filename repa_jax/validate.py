@@ -12,7 +12,7 @@ from repa_jax.objectives.flow import PATHS, TIME_SAMPLERS
 from repa_jax.sample.generate import LABEL_MODES
 from repa_jax.sample.samplers import SAMPLERS
 from repa_jax.specs.model import DTYPES, PROJECTORS, REMAT
-from repa_jax.train.state import LR_SCHEDULES
+from repa_jax.train.state import LR_SCHEDULES, OPTIMIZERS
 
 Rule = Callable[[object], str | None]  # value -> what is allowed, if the value is not
 
@@ -62,7 +62,8 @@ RULES: dict[str, Rule] = {
     "train.batch_size": POSITIVE,
     "train.steps": lambda value: POSITIVE(value) and f"{POSITIVE(value)} (0 steps: there is nothing to train)",
     "train.lr": number(0, 1, low_open=True),
-    "train.lr_schedule": one_of(LR_SCHEDULES), "train.warmup_steps": COUNT, "train.b1": number(0, 1, high_open=True),
+    "train.lr_schedule": one_of(LR_SCHEDULES), "train.optimizer": one_of(OPTIMIZERS),
+    "train.muon_lr_scale": number(0, low_open=True), "train.muon_beta": number(0, 1, high_open=True), "train.warmup_steps": COUNT, "train.b1": number(0, 1, high_open=True),
     "train.b2": number(0, 1, high_open=True), "train.eps": number(0, 1, low_open=True),
     "train.weight_decay": number(0, 1), "train.grad_clip": number(0, low_open=True),
     "train.ema_decay": PROBABILITY, "train.label_dropout": number(0, 1, high_open=True),

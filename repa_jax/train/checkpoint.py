@@ -27,17 +27,19 @@ def checkpoint_dir(workdir: str) -> epath.Path:
 # The config.model fields that fix the parameter tree (dtype and remat only change how it is computed).
 MODEL_SHAPE_FIELDS = ("name", "depth", "width", "num_heads")
 # Architecture fields added after checkpoints were first written, with the value those checkpoints had.
-LATER_FIELDS = {"align.projector": ["mlp", 1]}
+LATER_FIELDS = {"align.projector": ["mlp", 1], "train.optimizer": "adamw"}
 
 
 def architecture(config: ml_collections.ConfigDict) -> dict:
-  """The config fields that fix the parameter tree: a checkpoint only restores into a config with equal values."""
+  """The config fields that fix the state tree (parameters and optimizer state): a checkpoint only restores into a
+  config with equal values."""
   fields = {"model": {k: config.model[k] for k in MODEL_SHAPE_FIELDS}, "data.latent_shape": config.data.latent_shape,
             "data.num_classes": config.data.num_classes,
             "align.encoders": config.align.encoders,
             "align.projector_dim": config.align.projector_dim if config.align.encoders else None,
             "align.projector": [config.align.projector, config.align.projector_kernel] if config.align.encoders
-                               else LATER_FIELDS["align.projector"]}
+                               else LATER_FIELDS["align.projector"],
+            "train.optimizer": config.train.optimizer}
   return json.loads(json.dumps(fields))  # tuples -> lists, as the checkpoint's JSON holds them
 
 

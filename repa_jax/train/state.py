@@ -4,12 +4,20 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
+from optax import contrib
 
 from repa_jax.models.repa_sit import build_model
 from repa_jax.specs import rng
 from repa_jax.specs.model import model_spec
 
 LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adamw", "muon")
+# Muon's update RMS: 0.2 x sqrt(max(fan_in, fan_out)) scaling makes it match AdamW's typical update RMS, so Muon runs
+# at AdamW's learning rate (Liu et al. 2025, "Muon is Scalable for LLM Training", section 2.2).
+MUON_RMS = 0.2
+# Matrices Muon leaves to AdamW: the network's first and last layer (Jordan et al.'s Muon recipe), by module name.
+MUON_EXCLUDED = ("patch_embed", "final_linear")
+STACKED = "blocks"  # sit.blocks: each parameter has a leading [depth] axis (one matrix per block)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -38,12 +46,38 @@ def ema_decay_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return lambda step: jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+def muon_dimensions(params):
+  """For each parameter leaf: the MuonDimensionNumbers of a weight Muon orthogonalises, or None (AdamW's).
+
+  Muon's: every 'kernel' (a linear [in, out] or convolution [kh, kw, in, out]) but those of MUON_EXCLUDED, as a
+  matrix [everything but the last axis, the last axis]; under sit.blocks the leading [depth] axis is a batch of
+  matrices. AdamW's: biases, embeddings, the first and the last layer."""
+  def dimensions(path, leaf):
+    names = [str(getattr(key, "key", getattr(key, "name", ""))) for key in path]
+    if "kernel" not in names or any(name in names for name in MUON_EXCLUDED):
+      return None
+    first = 1 if STACKED in names else 0
+    return contrib.MuonDimensionNumbers(reduction_axis=tuple(range(first, leaf.ndim - 1)), output_axis=leaf.ndim - 1)
+  return jax.tree_util.tree_map_with_path(dimensions, params)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Grad-norm clipping then AdamW (REPA defaults: lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay)."""
+  """Grad-norm clipping, then config.train.optimizer:
+  - 'adamw' (REPA defaults: lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay);
+  - 'muon': Muon (momentum muon_beta, Nesterov, 5 Newton-Schulz steps, update RMS matched to AdamW's by MUON_RMS) on
+    the matrices of `muon_dimensions` at muon_lr_scale x the schedule's learning rate, NAdamW (b1, b2, eps) at the
+    schedule's on every other parameter (optax.contrib.muon)."""
   t = config.train
-  return optax.chain(
-      optax.clip_by_global_norm(t.grad_clip),
-      optax.adamw(learning_rate_schedule(config), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay))
+  if t.optimizer not in OPTIMIZERS:
+    raise ValueError(f"config.train.optimizer={t.optimizer!r} is not one of {OPTIMIZERS}")
+  lr = learning_rate_schedule(config)
+  if t.optimizer == "adamw":
+    update = optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
+  else:
+    update = contrib.muon(lambda step: t.muon_lr_scale * lr(step), beta=t.muon_beta, eps=t.eps,
+                          weight_decay=t.weight_decay, consistent_rms=MUON_RMS, adam_learning_rate=lr, adam_b1=t.b1,
+                          adam_b2=t.b2, adam_weight_decay=t.weight_decay, muon_weight_dimension_numbers=muon_dimensions)
+  return optax.chain(optax.clip_by_global_norm(t.grad_clip), update)
 
 
 def new_state(params, tx: optax.GradientTransformation) -> dict:

@@ -1,0 +1,99 @@
+"""Muon (config.train.optimizer='muon'): which parameters it orthogonalises, and its update against NumPy."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import tiny
+from repa_jax.models.repa_sit import abstract_params
+from repa_jax.specs.model import model_spec
+from repa_jax.train.loop import train
+from repa_jax.train.state import MUON_RMS, make_optimizer, muon_dimensions
+
+NS_COEFFS = (3.4445, -4.775, 2.0315)  # Jordan et al.'s quintic Newton-Schulz iteration, 5 steps
+
+
+def leaf_dimensions(config):
+  """{'sit/blocks/mlp/fc1/kernel': (reduction axes, output axes) or None} for every parameter of the config."""
+  dims = muon_dimensions(abstract_params(model_spec(config)))
+  flat = jax.tree_util.tree_flatten_with_path(dims, is_leaf=lambda x: x is None or hasattr(x, "reduction_axis"))[0]
+  name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path if hasattr(k, "key"))
+  return {name(path): None if d is None else (tuple(d.reduction_axis), d.output_axis) for path, d in flat}
+
+
+def test_muon_takes_the_hidden_matrices_and_leaves_the_rest_to_adamw():
+  dims = leaf_dimensions(tiny.get_config("reg=repa"))
+  assert dims["sit/blocks/mlp/fc1/kernel"] == ((1,), 2)  # [depth, in, out]: one matrix per block
+  assert dims["sit/blocks/ada_ln/kernel"] == ((1,), 2)
+  assert dims["sit/t_embed/fc1/kernel"] == ((0,), 1)
+  assert dims["projectors/toy_encoder/fc2/kernel"] == ((0,), 1)
+  for adamw in ("sit/patch_embed/kernel", "sit/final_linear/kernel", "sit/blocks/mlp/fc1/bias", "sit/y_embed/embedding",
+                "sit/final_ada_ln/bias"):
+    assert dims[adamw] is None, adamw
+  assert leaf_dimensions(tiny.get_config("reg=irepa"))["projectors/toy_encoder/conv/kernel"] == ((0, 1, 2), 3)
+
+
+def numpy_orthogonalise(g, eps=1e-8):
+  """The quintic Newton-Schulz iteration on one matrix [in, out], on its wide orientation, as Jordan et al. write it."""
+  x = g.T if g.shape[0] > g.shape[1] else g
+  x = x / (np.linalg.norm(x) + eps)
+  for _ in range(5):
+    a = x @ x.T
+    x = NS_COEFFS[0] * x + (NS_COEFFS[1] * a + NS_COEFFS[2] * a @ a) @ x
+  return x.T if g.shape[0] > g.shape[1] else x
+
+
+def numpy_muon(grads, lr, beta):
+  """Parameter deltas of Muon on a stacked kernel [depth, in, out] over successive gradients: bias-corrected
+  Nesterov momentum, each block's matrix orthogonalised, scaled by MUON_RMS * sqrt(max(in, out))."""
+  mu, deltas = np.zeros_like(grads[0]), []
+  for t, g in enumerate(grads, start=1):
+    mu = beta * mu + (1 - beta) * g
+    nesterov = beta * mu / (1 - beta ** (t + 1)) + (1 - beta) * g / (1 - beta ** t)
+    scale = MUON_RMS * np.sqrt(max(g.shape[1:]))
+    deltas.append(-lr * scale * np.stack([numpy_orthogonalise(m) for m in nesterov]))
+  return deltas
+
+
+def test_muon_update_matches_numpy():
+  config = tiny.get_config("reg=none")
+  config.train.update(optimizer="muon", lr=1e-2, muon_lr_scale=2.0, muon_beta=0.9, grad_clip=1e9)
+  rng = np.random.default_rng(0)
+  params = {"sit": {"blocks": {"mlp": {"fc1": {"kernel": jnp.zeros((3, 8, 24))}}},
+                    "final_linear": {"kernel": jnp.zeros((8, 4))}}}
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(3)]
+  tx = make_optimizer(config)
+  state, deltas = tx.init(params), []
+  for g in grads:
+    update, state = tx.update(g, state, params)
+    deltas.append(update)
+  expected = numpy_muon([np.asarray(g["sit"]["blocks"]["mlp"]["fc1"]["kernel"]) for g in grads], 2e-2, 0.9)
+  for got, want in zip(deltas, expected, strict=True):
+    np.testing.assert_allclose(got["sit"]["blocks"]["mlp"]["fc1"]["kernel"], want, rtol=2e-4, atol=1e-6)
+  # The output layer is AdamW's (with Muon's Nesterov momentum): optax's nadamw at the schedule's learning rate.
+  adamw = optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8, nesterov=True)
+  adamw_state = adamw.init(params["sit"]["final_linear"])
+  for g, got in zip(grads, deltas, strict=True):
+    want, adamw_state = adamw.update(g["sit"]["final_linear"], adamw_state, params["sit"]["final_linear"])
+    np.testing.assert_allclose(got["sit"]["final_linear"]["kernel"], want["kernel"], rtol=1e-5, atol=1e-8)
+
+
+def test_muon_trains_and_resumes_bit_identically(tmp_path):
+  config = tiny.get_config("reg=irepa")  # a conv projector too
+  config.train.update(optimizer="muon", steps=4, checkpoint_every=2)
+  uninterrupted = jax.device_get(train(config, str(tmp_path / "a")))
+  config.train.steps = 2
+  train(config, str(tmp_path / "b"))
+  config.train.steps = 4
+  resumed = jax.device_get(train(config, str(tmp_path / "b")))
+  for a, b in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert np.isfinite(np.asarray(jax.tree.leaves(uninterrupted["params"])[0])).all()
+
+
+def test_unknown_optimizer_is_refused():
+  config = tiny.get_config("reg=none")
+  config.train.optimizer = "sgd"
+  with pytest.raises(ValueError, match="config.train.optimizer"):
+    make_optimizer(config)
