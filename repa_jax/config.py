@@ -9,13 +9,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   # name '<S|B|L|XL>/<1|2|4|8>'; depth/width/num_heads: None = the named size's. remat: what each block keeps for
   # the backward pass: none (everything), dots (matmul outputs; the rest is recomputed), full (only its input).
+  # norm (layernorm | rmsnorm), mlp (gelu | swiglu), rope, qk_norm: LightningDiT's block switches (specs.model.SiTSpec);
+  # the defaults are SiT's.
   c.model = dict(name="XL/2", depth=placeholder(int), width=placeholder(int), num_heads=placeholder(int),
-                 dtype="float32", remat="none")
+                 dtype="float32", remat="none", norm="layernorm", mlp="gelu", rope=False, qk_norm=False)
   # source: 'synthetic' (random data of the configured shapes, for benchmarks and tests) or 'features'.
   # autoencoder: 'identity' (pixels) or 'sd-vae-ft-mse'; autoencoder_spec: VAESpec fields replacing SD-VAE's (tests).
   c.data = dict(source="synthetic", directory="", split="train", latent_shape=(32, 32, 4), num_classes=1000,
                 autoencoder="sd-vae-ft-mse", latent_scale=0.18215, autoencoder_spec={})
-  c.flow = dict(path="linear", time_sampler="uniform")
+  # cosine_weight: of LightningDiT's velocity-direction loss (objectives.flow.velocity_direction_loss; 0: off).
+  c.flow = dict(path="linear", time_sampler="uniform", cosine_weight=0.0)
   # encoders: ((name, feature width), ...), a projector each: () = no REPA (see `select_regularizers`); weight scales
   # the term (0: not computed, the projectors stay in the parameter tree); block is 1-indexed (REPA's encoder_depth).
   # stop_step (both regularisers; None: never): from this step on the term is 0 and its projectors stay as they are.

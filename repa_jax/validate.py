@@ -11,7 +11,7 @@ from repa_jax.objectives.dispersive import VARIANTS
 from repa_jax.objectives.flow import PATHS, TIME_SAMPLERS
 from repa_jax.sample.generate import LABEL_MODES
 from repa_jax.sample.samplers import SAMPLERS
-from repa_jax.specs.model import DTYPES, PROJECTORS, REMAT
+from repa_jax.specs.model import DTYPES, MLPS, NORMS, PROJECTORS, REMAT
 from repa_jax.train.state import LR_SCHEDULES, OPTIMIZERS
 
 Rule = Callable[[object], str | None]  # value -> what is allowed, if the value is not
@@ -45,10 +45,11 @@ RULES: dict[str, Rule] = {
     "seed": COUNT,
     "model.depth": number(1, integer=True, optional=True), "model.width": number(1, integer=True, optional=True),
     "model.num_heads": number(1, integer=True, optional=True), "model.dtype": one_of(DTYPES),
-    "model.remat": one_of(REMAT),
+    "model.remat": one_of(REMAT), "model.norm": one_of(NORMS), "model.mlp": one_of(MLPS),
+    "model.rope": one_of((False, True)), "model.qk_norm": one_of((False, True)),
     "data.num_classes": POSITIVE, "data.latent_scale": number(0, 1e3, low_open=True),
     "data.source": one_of(("synthetic", "features")),
-    "flow.path": one_of(PATHS), "flow.time_sampler": one_of(TIME_SAMPLERS),
+    "flow.path": one_of(PATHS), "flow.time_sampler": one_of(TIME_SAMPLERS), "flow.cosine_weight": number(0, 100),
     "align.weight": number(0, 100), "align.block": POSITIVE, "align.projector_dim": POSITIVE,
     "align.objective": one_of(OBJECTIVES), "align.temperature": number(0, 100, low_open=True),
     "align.stop_step": number(0, integer=True, optional=True), "align.projector": one_of(PROJECTORS),
@@ -63,7 +64,7 @@ RULES: dict[str, Rule] = {
     "train.steps": lambda value: POSITIVE(value) and f"{POSITIVE(value)} (0 steps: there is nothing to train)",
     "train.lr": number(0, 1, low_open=True),
     "train.lr_schedule": one_of(LR_SCHEDULES), "train.optimizer": one_of(OPTIMIZERS),
-    "train.muon_lr_scale": number(0, low_open=True), "train.muon_beta": number(0, 1, high_open=True), "train.warmup_steps": COUNT, "train.b1": number(0, 1, high_open=True),
+    "train.muon_lr_scale": number(0, 100, low_open=True), "train.muon_beta": number(0, 1, high_open=True), "train.warmup_steps": COUNT, "train.b1": number(0, 1, high_open=True),
     "train.b2": number(0, 1, high_open=True), "train.eps": number(0, 1, low_open=True),
     "train.weight_decay": number(0, 1), "train.grad_clip": number(0, low_open=True),
     "train.ema_decay": PROBABILITY, "train.label_dropout": number(0, 1, high_open=True),

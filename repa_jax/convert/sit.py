@@ -30,7 +30,7 @@ from flax import nnx
 from repa_jax.convert.torch_layout import conv_kernel, linear_kernel, load_state_dict, take
 from repa_jax.models.layers import sincos_pos_embed_2d
 from repa_jax.models.repa_sit import abstract_params
-from repa_jax.specs.model import model_spec
+from repa_jax.specs.model import BLOCK_SWITCHES, SiTSpec, model_spec
 
 SOURCES = ("repa", "sit")
 # repa_jax module path under `sit` -> official module name; blocks' names are prefixed with `blocks.N.`.
@@ -150,6 +150,11 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], config: ml_collections
     raise ValueError(f"config.align.projector={config.align.projector!r}: the official REPA / SiT checkpoints have "
                      "MLP projectors; convert with config.align.projector='mlp' (or without alignment: reg=none)")
   spec = model_spec(config).sit
+  switched = [f"config.model.{f}={getattr(spec, f)!r}" for f in BLOCK_SWITCHES
+              if getattr(spec, f) != getattr(SiTSpec, f)]
+  if switched:
+    raise ValueError(f"{', '.join(switched)}: the official REPA / SiT checkpoints have SiT's blocks; convert with the "
+                     f"defaults ({', '.join(f'{f}={getattr(SiTSpec, f)!r}' for f in BLOCK_SWITCHES)})")
   abstract = abstract_params(model_spec(config))
   projector_index = {name: k for k, name in enumerate(abstract.get("projectors", {}))}
   if len(block_indices(state_dict)) != spec.depth:

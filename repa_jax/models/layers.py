@@ -1,4 +1,4 @@
-"""Building blocks shared by SiT: embeddings, float32 layer norm, attention and MLP."""
+"""Building blocks shared by SiT: embeddings, float32 layer and RMS norms, 2D rotary embedding, attention and MLPs."""
 import math
 
 import jax
@@ -22,6 +22,40 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   mean = x32.mean(-1, keepdims=True)
   var = jnp.square(x32 - mean).mean(-1, keepdims=True)
   return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """x / sqrt(mean(x^2) + eps) * weight over the last axis, the norm in float32, a learnable weight (ones at init),
+  no bias (LightningDiT's models/rmsnorm.py, from Llama)."""
+
+  def __init__(self, width: int, *, eps: float = 1e-6):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((width,), jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)).astype(x.dtype) * \
+        self.weight[...].astype(x.dtype)
+
+
+def rope_2d_angles(head_dim: int, grid_h: int, grid_w: int, theta: float = 10000.0) -> np.ndarray:
+  """[grid_h * grid_w, head_dim] rotation angles of the 2D rotary embedding (LightningDiT's VisionRotaryEmbeddingFast,
+  from EVA-02): the first head_dim / 2 channels rotate by the row index, the rest by the column index, each half with
+  frequencies theta^(-2k / (head_dim / 2)), every frequency repeated for the adjacent channel pair it rotates."""
+  if head_dim % 4:
+    raise ValueError(f"the head width {head_dim} must be divisible by 4 for the 2D rotary embedding (model.rope)")
+  half = head_dim // 2
+  freqs = np.repeat(1.0 / theta ** (np.arange(0, half, 2, dtype=np.float64) / half), 2)  # [half]
+  rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij")
+  return np.concatenate([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], axis=1).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+  """Rotates each adjacent channel pair (x[2k], x[2k+1]) of x [B, N, H, Dh] by angles [N, Dh] (equal in a pair)."""
+  pairs = x.reshape(*x.shape[:-1], -1, 2)
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  cos, sin = (f(angles)[None, :, None].astype(x.dtype) for f in (jnp.cos, jnp.sin))
+  return x * cos + rotated * sin
 
 
 def patchify(x: jax.Array, patch: int) -> jax.Array:
@@ -78,19 +112,29 @@ class TimestepEmbedder(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention with a qkv bias; logits and softmax in float32. [B, N, D] -> [B, N, D]."""
+  """Multi-head self-attention with a qkv bias; logits and softmax in float32. [B, N, D] -> [B, N, D].
+  qk_norm: None | 'layernorm' | 'rmsnorm', a learnable norm of each head's q and k (LightningDiT's use_qknorm);
+  rope_angles [N, Dh] (`rope_2d_angles`) rotates q and k after it."""
 
-  def __init__(self, width: int, num_heads: int, rngs: nnx.Rngs, *, dtype=jnp.float32):
+  def __init__(self, width: int, num_heads: int, rngs: nnx.Rngs, *, dtype=jnp.float32, qk_norm: str | None = None):
     if width % num_heads:
       raise ValueError(f"model width {width} must be divisible by num_heads {num_heads}")
     self.num_heads = num_heads
     self.qkv = linear(width, 3 * width, rngs, dtype=dtype)
     self.proj = linear(width, width, rngs, dtype=dtype)
+    head_norm = {None: lambda: None, "rmsnorm": lambda: RMSNorm(width // num_heads),
+                 "layernorm": lambda: nnx.LayerNorm(width // num_heads, epsilon=1e-5, dtype=dtype,
+                                                    param_dtype=jnp.float32, rngs=rngs)}[qk_norm]
+    self.q_norm, self.k_norm = head_norm(), head_norm()
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, rope_angles: jax.Array | None = None) -> jax.Array:
     b, n, d = x.shape
     q, k, v = jnp.split(self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads), 3, axis=2)
     q, k, v = (a[:, :, 0] for a in (q, k, v))  # [B, N, H, Dh]
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if rope_angles is not None:
+      q, k = apply_rope(q, rope_angles), apply_rope(k, rope_angles)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits * (d // self.num_heads) ** -0.5, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, d)
@@ -106,3 +150,15 @@ class Mlp(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(nnx.gelu(self.fc1(x), approximate=True))
+
+
+class SwiGLU(nnx.Module):
+  """w3(silu(gate) * value) with [gate, value] = w12(x), biases on both (LightningDiT's models/swiglu_ffn.py)."""
+
+  def __init__(self, width: int, hidden: int, rngs: nnx.Rngs, *, dtype=jnp.float32):
+    self.w12 = linear(width, 2 * hidden, rngs, dtype=dtype)
+    self.w3 = linear(hidden, width, rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gate, value = jnp.split(self.w12(x), 2, axis=-1)
+    return self.w3(nnx.silu(gate) * value)

@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from repa_jax.models.layers import (Attention, Mlp, TimestepEmbedder, layer_norm, linear, modulate, normal_002,
-                                    patchify, sincos_pos_embed_2d, unpatchify, zeros)
+from repa_jax.models.layers import (Attention, Mlp, RMSNorm, SwiGLU, TimestepEmbedder, layer_norm, linear, modulate,
+                                    normal_002, patchify, rope_2d_angles, sincos_pos_embed_2d, unpatchify, zeros)
 from repa_jax.specs.model import SiTSpec
 
 # specs.model.REMAT name -> the jax.checkpoint policy of a block (None: no rematerialisation).
@@ -14,18 +14,28 @@ REMAT_POLICIES = {"none": None, "dots": jax.checkpoint_policies.checkpoint_dots,
                   "full": jax.checkpoint_policies.nothing_saveable}
 
 
-class SiTBlock(nnx.Module):
-  """LN -> modulate -> attention -> gated residual; LN -> modulate -> MLP -> gated residual."""
+def make_norm(kind: str, width: int):
+  """The pre-modulation norm of specs.model.NORMS `kind`: SiT's LayerNorm without parameters, or RMSNorm."""
+  return RMSNorm(width) if kind == "rmsnorm" else layer_norm
 
-  def __init__(self, width: int, num_heads: int, mlp_ratio: float, rngs: nnx.Rngs, *, dtype=jnp.float32):
-    self.attn = Attention(width, num_heads, rngs, dtype=dtype)
-    self.mlp = Mlp(width, int(width * mlp_ratio), rngs, dtype=dtype)
+
+class SiTBlock(nnx.Module):
+  """norm -> modulate -> attention -> gated residual; norm -> modulate -> MLP -> gated residual. The switches of
+  SiTSpec (norm, mlp, qk_norm; rope angles passed in) are LightningDiT's; their defaults give SiT's block."""
+
+  def __init__(self, spec: SiTSpec, rngs: nnx.Rngs, *, dtype=jnp.float32):
+    width, hidden = spec.width, int(spec.width * spec.mlp_ratio)
+    self.norm1, self.norm2 = make_norm(spec.norm, width), make_norm(spec.norm, width)
+    self.attn = Attention(width, spec.num_heads, rngs, dtype=dtype, qk_norm=spec.norm if spec.qk_norm else None)
+    # SwiGLU at 2/3 of the hidden width keeps the MLP's parameter count (LightningDiT: int(2/3 * hidden)).
+    self.mlp = SwiGLU(width, int(2 / 3 * hidden), rngs, dtype=dtype) if spec.mlp == "swiglu" else \
+        Mlp(width, hidden, rngs, dtype=dtype)
     self.ada_ln = linear(width, 6 * width, rngs, dtype=dtype, init=zeros)
 
-  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, c: jax.Array, rope_angles: jax.Array | None = None) -> jax.Array:
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(self.ada_ln(nnx.silu(c)), 6, axis=-1)
-    x = x + gate_a[:, None] * self.attn(modulate(layer_norm(x), shift_a, scale_a))
-    return x + gate_m[:, None] * self.mlp(modulate(layer_norm(x), shift_m, scale_m))
+    x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope_angles)
+    return x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
 
 class SiT(nnx.Module):
@@ -44,11 +54,12 @@ class SiT(nnx.Module):
     @nnx.split_rngs(splits=spec.depth)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make_blocks(rngs):
-      return SiTBlock(d, spec.num_heads, spec.mlp_ratio, rngs, dtype=dtype)
+      return SiTBlock(spec, rngs, dtype=dtype)
 
     # All blocks' parameters stacked on a leading [depth] axis; the forward pass scans over them, which keeps compile
     # time flat in depth and lets XLA keep the backward pass linear in depth.
     self.blocks = make_blocks(rngs)
+    self.final_norm = make_norm(spec.norm, d)
     self.final_ada_ln = linear(d, 2 * d, rngs, dtype=dtype, init=zeros)
     self.final_linear = linear(d, p * p * c, rngs, dtype=dtype, init=zeros)
 
@@ -59,7 +70,8 @@ class SiT(nnx.Module):
       return hidden
     graphdef, params = nnx.split(self.blocks)
     segment = jax.tree.map(lambda p: p[start:stop], params)
-    block = lambda h, p: nnx.merge(graphdef, p)(h, c)
+    angles = rope_2d_angles(self.spec.width // self.spec.num_heads, *self.spec.grid) if self.spec.rope else None
+    block = lambda h, p: nnx.merge(graphdef, p)(h, c, angles)
     if (policy := REMAT_POLICIES[self.remat]) is not None:
       block = jax.checkpoint(block, policy=policy)
     return jax.lax.scan(lambda h, p: (block(h, p), None), hidden, segment)[0]
@@ -86,6 +98,6 @@ class SiT(nnx.Module):
       hiddens[k] = hidden
     hidden = self.run_blocks(hidden, c, done, self.spec.depth)
     shift, scale = jnp.split(self.final_ada_ln(nnx.silu(c)), 2, axis=-1)
-    out = self.final_linear(modulate(layer_norm(hidden), shift, scale))
+    out = self.final_linear(modulate(self.final_norm(hidden), shift, scale))
     out = unpatchify(out, p, h, w)
     return out.astype(jnp.float32), hiddens

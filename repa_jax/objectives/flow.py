@@ -44,3 +44,14 @@ def flow_loss(v_pred: jax.Array, v_target: jax.Array) -> jax.Array:
   """Per sample the mean squared error over all non-batch axes, then the batch mean. [B, ...] -> scalar float32."""
   err = jnp.square(v_pred.astype(jnp.float32) - v_target.astype(jnp.float32))
   return err.reshape(err.shape[0], -1).mean(axis=1).mean()
+
+
+def velocity_direction_loss(v_pred: jax.Array, v_target: jax.Array, eps: float = 1e-8) -> jax.Array:
+  """LightningDiT's cosine loss: 1 - cos(v_pred, v_target) over the channel (last) axis at each position, with
+  cos = a.b / (max(|a|, eps) max(|b|, eps)) (torch's cosine_similarity), averaged over positions, then the batch.
+  [B, H, W, C] -> scalar float32. With one channel (grey pixels) the cosine is the sign of a product: no gradient."""
+  a, b = v_pred.astype(jnp.float32), v_target.astype(jnp.float32)
+  norm = lambda v: jnp.sqrt(jnp.maximum(jnp.square(v).sum(-1), eps ** 2))  # = max(|v|, eps), finite gradient at 0
+  cos = (a * b).sum(-1) / (norm(a) * norm(b))
+  return (1 - cos).reshape(cos.shape[0], -1).mean(axis=1).mean()
+

@@ -10,6 +10,9 @@ PATCH_SIZES = (1, 2, 4, 8)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PROJECTORS = ("mlp", "conv")  # REPA's MLP per token, iREPA's convolution over the token grid
 REMAT = ("none", "dots", "full")  # what a SiT block saves for the backward pass (models.sit.REMAT_POLICIES)
+NORMS = ("layernorm", "rmsnorm")  # SiT's parameter-free LayerNorm | LightningDiT's RMSNorm (also the QK-norm's kind)
+MLPS = ("gelu", "swiglu")  # SiT's tanh-GELU MLP | LightningDiT's SwiGLU
+BLOCK_SWITCHES = ("norm", "mlp", "rope", "qk_norm")  # config.model fields -> the SiTSpec fields of the same name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +26,17 @@ class SiTSpec:
   width: int
   num_heads: int
   mlp_ratio: float = 4.0
+  # LightningDiT's block switches (the defaults are SiT's): norm (NORMS), mlp (MLPS), 2D rotary embedding of q and k
+  # (beside the sin-cos position embedding), and a norm of each head's q and k of the kind `norm`.
+  norm: str = "layernorm"
+  mlp: str = "gelu"
+  rope: bool = False
+  qk_norm: bool = False
+
+  def __post_init__(self):
+    for field, value, choices in (("norm", self.norm, NORMS), ("mlp", self.mlp, MLPS)):
+      if value not in choices:
+        raise ValueError(f"config.model.{field}={value!r}: use one of {choices}")
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -81,8 +95,9 @@ def spec_from_name(name: str, *, input_size, in_channels: int, num_classes: int,
 def sit_spec(config: ml_collections.ConfigDict) -> SiTSpec:
   """The SiT shape implied by config.model and config.data."""
   m, shape = config.model, tuple(config.data.latent_shape)
-  return spec_from_name(m.name, input_size=shape[:2], in_channels=shape[2], num_classes=config.data.num_classes,
-                        depth=m.depth, width=m.width, num_heads=m.num_heads)
+  named = spec_from_name(m.name, input_size=shape[:2], in_channels=shape[2], num_classes=config.data.num_classes,
+                         depth=m.depth, width=m.width, num_heads=m.num_heads)
+  return dataclasses.replace(named, **{field: m[field] for field in BLOCK_SWITCHES})
 
 
 def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:

@@ -17,6 +17,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from repa_jax.specs.model import BLOCK_SWITCHES
+
 
 def checkpoint_dir(workdir: str) -> epath.Path:
   """<workdir>/checkpoints as an absolute path (Orbax refuses relative ones); gs:// and other URLs as given."""
@@ -24,10 +26,11 @@ def checkpoint_dir(workdir: str) -> epath.Path:
   return path if "://" in str(workdir) else epath.Path(os.path.abspath(path))
 
 
-# The config.model fields that fix the parameter tree (dtype and remat only change how it is computed).
-MODEL_SHAPE_FIELDS = ("name", "depth", "width", "num_heads")
+# The config.model fields that fix the model (dtype and remat only change how it is computed).
+MODEL_SHAPE_FIELDS = ("name", "depth", "width", "num_heads", *BLOCK_SWITCHES)
 # Architecture fields added after checkpoints were first written, with the value those checkpoints had.
 LATER_FIELDS = {"align.projector": ["mlp", 1], "train.optimizer": "adamw"}
+LATER_MODEL_FIELDS = {"norm": "layernorm", "mlp": "gelu", "rope": False, "qk_norm": False}
 
 
 def architecture(config: ml_collections.ConfigDict) -> dict:
@@ -53,6 +56,8 @@ def check_architecture(saved: dict, config: ml_collections.ConfigDict, where: st
   wanted = architecture(config)
   restrict = lambda value, like: {k: value.get(k) for k in like} if isinstance(value, dict) else value
   saved = {**LATER_FIELDS, **saved}
+  if isinstance(saved.get("model"), dict):
+    saved["model"] = {**LATER_MODEL_FIELDS, **saved["model"]}
   differ = [f"{k}: checkpoint {restrict(saved.get(k), v)!r} vs config {v!r}" for k, v in wanted.items()
             if restrict(saved.get(k), v) != v]
   if differ:

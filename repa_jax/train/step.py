@@ -7,7 +7,7 @@ from flax import nnx
 
 from repa_jax.objectives.alignment import alignment_loss, normalize_targets
 from repa_jax.objectives.dispersive import dispersive_loss
-from repa_jax.objectives.flow import flow_loss, interpolate, sample_time
+from repa_jax.objectives.flow import flow_loss, interpolate, sample_time, velocity_direction_loss
 from repa_jax.models.repa_sit import model_graphdef
 from repa_jax.specs import rng, sharding
 from repa_jax.specs.data import DatasetRequirement, check_encoder_features, dataset_requirement
@@ -76,6 +76,9 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
       v_pred, hiddens = model.sit(x_t, t, y, hidden_blocks=hidden_blocks)
       terms = {"flow": flow_loss(v_pred, v_target)}
       total = terms["flow"]
+      if config.flow.cosine_weight:
+        terms["cosine"] = velocity_direction_loss(v_pred, v_target)
+        total = total + config.flow.cosine_weight * terms["cosine"]
       if encoders:
         projected = [model.projectors[name](hiddens[align.block]) for name in encoders]
         terms["align"], terms["align_cos"] = alignment_loss(
