@@ -11,7 +11,7 @@ from repa_jax.specs.model import model_spec
 from repa_jax.train.loop import train
 from repa_jax.train.state import MUON_RMS, make_optimizer, muon_dimensions
 
-NS_COEFFS = (3.4445, -4.775, 2.0315)  # Jordan et al.'s quintic Newton-Schulz iteration, 5 steps
+NS_COEFFS = (3.4445, -4.775, 2.0315)  # Jordan et al.'s quintic Newton-Schulz iteration
 
 
 def leaf_dimensions(config):
@@ -34,17 +34,17 @@ def test_muon_takes_the_hidden_matrices_and_leaves_the_rest_to_adamw():
   assert leaf_dimensions(tiny.get_config("reg=irepa"))["projectors/toy_encoder/conv/kernel"] == ((0, 1, 2), 3)
 
 
-def numpy_orthogonalise(g, eps=1e-8):
+def numpy_orthogonalise(g, steps, eps=1e-8):
   """The quintic Newton-Schulz iteration on one matrix [in, out], on its wide orientation, as Jordan et al. write it."""
   x = g.T if g.shape[0] > g.shape[1] else g
   x = x / (np.linalg.norm(x) + eps)
-  for _ in range(5):
+  for _ in range(steps):
     a = x @ x.T
     x = NS_COEFFS[0] * x + (NS_COEFFS[1] * a + NS_COEFFS[2] * a @ a) @ x
   return x.T if g.shape[0] > g.shape[1] else x
 
 
-def numpy_muon(grads, lr, beta):
+def numpy_muon(grads, lr, beta, steps):
   """Parameter deltas of Muon on a stacked kernel [depth, in, out] over successive gradients: bias-corrected
   Nesterov momentum, each block's matrix orthogonalised, scaled by MUON_RMS * sqrt(max(in, out))."""
   mu, deltas = np.zeros_like(grads[0]), []
@@ -52,13 +52,15 @@ def numpy_muon(grads, lr, beta):
     mu = beta * mu + (1 - beta) * g
     nesterov = beta * mu / (1 - beta ** (t + 1)) + (1 - beta) * g / (1 - beta ** t)
     scale = MUON_RMS * np.sqrt(max(g.shape[1:]))
-    deltas.append(-lr * scale * np.stack([numpy_orthogonalise(m) for m in nesterov]))
+    deltas.append(-lr * scale * np.stack([numpy_orthogonalise(m, steps) for m in nesterov]))
   return deltas
 
 
-def test_muon_update_matches_numpy():
+@pytest.mark.parametrize("ns_steps", [3, 5])
+def test_muon_update_matches_numpy(ns_steps):
   config = tiny.get_config("reg=none")
-  config.train.update(optimizer="muon", lr=1e-2, muon_lr_scale=2.0, muon_beta=0.9, grad_clip=1e9)
+  config.train.update(optimizer="muon", lr=1e-2, muon_lr_scale=2.0, muon_beta=0.9, muon_ns_steps=ns_steps,
+                      grad_clip=1e9)
   rng = np.random.default_rng(0)
   params = {"sit": {"blocks": {"mlp": {"fc1": {"kernel": jnp.zeros((3, 8, 24))}}},
                     "final_linear": {"kernel": jnp.zeros((8, 4))}}}
@@ -68,7 +70,7 @@ def test_muon_update_matches_numpy():
   for g in grads:
     update, state = tx.update(g, state, params)
     deltas.append(update)
-  expected = numpy_muon([np.asarray(g["sit"]["blocks"]["mlp"]["fc1"]["kernel"]) for g in grads], 2e-2, 0.9)
+  expected = numpy_muon([np.asarray(g["sit"]["blocks"]["mlp"]["fc1"]["kernel"]) for g in grads], 2e-2, 0.9, ns_steps)
   for got, want in zip(deltas, expected, strict=True):
     np.testing.assert_allclose(got["sit"]["blocks"]["mlp"]["fc1"]["kernel"], want, rtol=2e-4, atol=1e-6)
   # The output layer is AdamW's (with Muon's Nesterov momentum): optax's nadamw at the schedule's learning rate.

@@ -64,9 +64,9 @@ def muon_dimensions(params):
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Grad-norm clipping, then config.train.optimizer:
   - 'adamw' (REPA defaults: lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay);
-  - 'muon': Muon (momentum muon_beta, Nesterov, 5 Newton-Schulz steps, update RMS matched to AdamW's by MUON_RMS) on
-    the matrices of `muon_dimensions` at muon_lr_scale x the schedule's learning rate, NAdamW (b1, b2, eps) at the
-    schedule's on every other parameter (optax.contrib.muon)."""
+  - 'muon': Muon (momentum muon_beta, Nesterov, muon_ns_steps Newton-Schulz steps, update RMS matched to AdamW's by
+    MUON_RMS) on the matrices of `muon_dimensions` at muon_lr_scale x the schedule's learning rate, NAdamW (b1, b2,
+    eps) at the schedule's on every other parameter (optax.contrib.muon)."""
   t = config.train
   if t.optimizer not in OPTIMIZERS:
     raise ValueError(f"config.train.optimizer={t.optimizer!r} is not one of {OPTIMIZERS}")
@@ -74,9 +74,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   if t.optimizer == "adamw":
     update = optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
   else:
-    update = contrib.muon(lambda step: t.muon_lr_scale * lr(step), beta=t.muon_beta, eps=t.eps,
-                          weight_decay=t.weight_decay, consistent_rms=MUON_RMS, adam_learning_rate=lr, adam_b1=t.b1,
-                          adam_b2=t.b2, adam_weight_decay=t.weight_decay, muon_weight_dimension_numbers=muon_dimensions)
+    update = contrib.muon(lambda step: t.muon_lr_scale * lr(step), beta=t.muon_beta, ns_steps=t.muon_ns_steps,
+                          eps=t.eps, weight_decay=t.weight_decay, consistent_rms=MUON_RMS, adam_learning_rate=lr,
+                          adam_b1=t.b1, adam_b2=t.b2, adam_weight_decay=t.weight_decay,
+                          muon_weight_dimension_numbers=muon_dimensions)
   return optax.chain(optax.clip_by_global_norm(t.grad_clip), update)
 
 
