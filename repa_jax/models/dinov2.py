@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from repa_jax.models.layers import linear, normal_002, patchify
+from repa_jax.models.layers import SwiGLU, linear, normal_002, patchify
 from repa_jax.models.vit import ViTBlock, ViTMlp, layer_norm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -161,18 +161,6 @@ def resample_abs_pos_embed(pos_embed: jax.Array, grid: tuple[int, int]) -> jax.A
     return pos_embed.astype(jnp.float32)
   patches = resize_bicubic(patches, tuple(grid), antialias=True)
   return jnp.concatenate([cls, patches.reshape(1, -1, patches.shape[-1])], axis=1)
-
-
-class SwiGLU(nnx.Module):
-  """w3(silu(a) * b) with [a, b] = w12(x) (the official `SwiGLUFFN` layout)."""
-
-  def __init__(self, width: int, hidden: int, rngs: nnx.Rngs, *, dtype=jnp.float32):
-    self.w12 = linear(width, 2 * hidden, rngs, dtype=dtype)
-    self.w3 = linear(hidden, width, rngs, dtype=dtype)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    a, b = jnp.split(self.w12(x), 2, axis=-1)
-    return self.w3(nnx.silu(a) * b)
 
 
 class DinoV2(nnx.Module):

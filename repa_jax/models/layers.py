@@ -153,7 +153,8 @@ class Mlp(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
-  """w3(silu(gate) * value) with [gate, value] = w12(x), biases on both (LightningDiT's models/swiglu_ffn.py)."""
+  """w3(silu(gate) * value) with [gate, value] = w12(x), biases on both: DINOv2's `SwiGLUFFN` layout, which
+  LightningDiT's models/swiglu_ffn.py shares."""
 
   def __init__(self, width: int, hidden: int, rngs: nnx.Rngs, *, dtype=jnp.float32):
     self.w12 = linear(width, 2 * hidden, rngs, dtype=dtype)
