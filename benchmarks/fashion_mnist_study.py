@@ -38,10 +38,13 @@ ARMS = ("none", "repa", "disperse", "both")  # over --seeds; --extra_arms (other
 EVAL_SAMPLER = {"sampler": "euler", "steps": 25, "cfg_scale": 2.0, "guidance_low": 0.0, "guidance_high": 1.0}
 GRID = tuple((weight, temperature) for weight in (0.1, 0.25, 0.5) for temperature in (0.5, 1.0))
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/study", "Where each run and the results go.")
-_STEPS = flags.DEFINE_integer("steps", 400, "Training steps of every run.")
-_GRID_STEPS = flags.DEFINE_integer("grid_steps", 300, "Training steps of each Dispersive grid run.")
+_STEPS = flags.DEFINE_integer("steps", 1400, "Training steps of every run (the budget; default: the main job's).")
+_GRID_STEPS = flags.DEFINE_integer("grid_steps", 700, "Training steps of each Dispersive grid run.")
+_ARMS = flags.DEFINE_list("arms", list(ARMS), "The arms to run and report (of ARMS).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every arm.")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 100, "Evaluate every this many steps.")
+_LONG_SEED = flags.DEFINE_string("long_seed", "0", "The seed whose runs continue to --long_factor x --steps.")
+_LONG_FACTOR = flags.DEFINE_integer("long_factor", 3, "How far the --long_seed runs continue, in budgets.")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 350, "Evaluate every this many steps.")
 _EVAL_SAMPLES = flags.DEFINE_integer("eval_samples", 500, "Samples per evaluation.")
 _GRID = flags.DEFINE_bool("disperse_grid", False, "Run the Dispersive Loss grid instead of the arms.")
 _EXTRA_ARMS = flags.DEFINE_list("extra_arms", ["irepa"], "Further presets (repa_jax.config.REGULARIZERS).")
@@ -56,7 +59,7 @@ def run_config(arm: str, seed: int, steps: int, eval_every: int, disperse: tuple
   (λ, τ) of the dispersive term."""
   config = fashion_mnist.get_config(f"reg={arm}")
   config.seed = seed
-  config.train.update(steps=steps, checkpoint_every=steps)
+  config.train.update(steps=steps, checkpoint_every=min(steps, _STEPS.value))  # the budget's checkpoint, for the probe
   if _OPTIMIZER.value:
     config.train.optimizer = _OPTIMIZER.value
   config.evaluate.update(every_steps=eval_every, num_samples=_EVAL_SAMPLES.value, batch_size=100, **EVAL_SAMPLER)
@@ -109,21 +112,27 @@ def steps_to(evals: list[dict], fd: float) -> int | None:
   return next((e["step"] for e in evals if e["fid"] <= fd), None)
 
 
-def report(results: dict[str, list[dict]], disperse: tuple[float, float]) -> str:
-  """The study's tables: FD mean +- std per arm and step, end-of-run class accuracy, tests against none, steps to
-  none's final FD, wall time per step."""
-  steps = [e["step"] for e in results["none"][0]["evals"]]
-  fd = {arm: np.array([[e["fid"] for e in r["evals"]] for r in runs]) for arm, runs in results.items()}
-  acc = {arm: np.array([r["evals"][-1]["class_accuracy"] for r in runs]) for arm, runs in results.items()}
+def within(evals: list[dict], budget: int) -> list[dict]:
+  """The evaluations at steps <= budget (a long run's part that equals a run of the budget)."""
+  return [e for e in evals if e["step"] <= budget]
+
+
+def report(results: dict[str, list[dict]], disperse: tuple[float, float] | None, budget: int) -> str:
+  """The study's tables: FD mean +- std per arm and step up to the budget, end-of-budget class accuracy, tests
+  against none, steps to none's FD at the budget, wall time per step; then the --long_seed runs past the budget."""
+  evals = {arm: [within(r["evals"], budget) for r in runs] for arm, runs in results.items()}
+  steps = [e["step"] for e in evals["none"][0]]
+  fd = {arm: np.array([[e["fid"] for e in run] for run in runs]) for arm, runs in evals.items()}
+  acc = {arm: np.array([run[-1]["class_accuracy"] for run in runs]) for arm, runs in evals.items()}
   target = fd["none"][:, -1].mean()
-  floor = results["none"][0]["evals"][-1]
-  lines = [f"Batch 32, {_EVAL_SAMPLES.value} samples per evaluation (real-data "
-           f"floor: FD {floor['floor_fid']:.2f}, classifier accuracy {floor['floor_class_accuracy']:.3f}); "
-           f"Dispersive λ = {disperse[0]}, τ = {disperse[1]} (the grid's best).\n",
+  floor = evals["none"][0][-1]
+  dispersive = f"; Dispersive λ = {disperse[0]}, τ = {disperse[1]} (the grid's best)" if disperse else ""
+  lines = [f"Budget {budget} steps of batch 32, {_EVAL_SAMPLES.value} samples per evaluation (real-data floor: FD "
+           f"{floor['floor_fid']:.2f}, classifier accuracy {floor['floor_class_accuracy']:.3f}){dispersive}.\n",
            "| arm | seeds | " + " | ".join(f"FD @ {s}" for s in steps) + " | class acc. @ end | steps to FD "
            f"{target:.1f} (none's end) | s / step | load avg |", "|---" * (len(steps) + 6) + "|"]
   for arm, runs in results.items():
-    reach = [steps_to(r["evals"], target) for r in runs]
+    reach = [steps_to(run, target) for run in evals[arm]]
     spread = lambda values, digits=1: f" +- {values.std(ddof=1):.{digits}f}" if len(runs) > 1 else " (one seed)"
     lines.append(f"| {arm} | {len(runs)} | " + " | ".join(f"{m:.1f}{spread(column)}"
                                                          for m, column in zip(fd[arm].mean(0), fd[arm].T)) +
@@ -132,7 +141,8 @@ def report(results: dict[str, list[dict]], disperse: tuple[float, float]) -> str
                  f"{min(r['load_before'] for r in runs):.1f}-{max(r['load_after'] for r in runs):.1f} |")
   lines.append("")
   # Every arm against none; the extra arms (other presets) also against repa, the method they modify.
-  pairs = [(arm, "none") for arm in results if arm != "none"] + [(arm, "repa") for arm in results if arm not in ARMS]
+  pairs = [(arm, "none") for arm in results if arm != "none"] + [(arm, "repa") for arm in results
+                                                                  if arm not in ARMS and "repa" in results]
   for arm, other in pairs:
     if len(results[arm]) < 2:  # one seed: no test
       continue
@@ -141,19 +151,38 @@ def report(results: dict[str, list[dict]], disperse: tuple[float, float]) -> str
       verdict = "significant" if test.pvalue < 0.05 else "not significant"
       lines.append(f"- {arm} vs {other}, {metric}: {values[arm].mean():.3f} vs {values[other].mean():.3f}, Welch's "
                    f"t = {test.statistic:.2f}, p = {test.pvalue:.3f}: {verdict} at 0.05.")
+  long = {arm: r["evals"] for arm, runs in results.items() for r in runs if r["evals"][-1]["step"] > budget}
+  if long:
+    best = min(fd, key=lambda arm: fd[arm][:, -1].mean())
+    goal = fd[best][:, -1].mean()
+    later = [e["step"] for e in next(iter(long.values())) if e["step"] > budget]
+    lines += ["", f"Seed {_LONG_SEED.value} continued past the budget (one seed per arm; the learning rate is constant "
+              "after the warm-up, so the first budget of these runs is the run above):\n",
+              "| arm | " + " | ".join(f"FD @ {s}" for s in later) + " | class acc. @ end | steps to FD "
+              f"{goal:.1f} ({best}'s mean at {budget}) |", "|---" * (len(later) + 3) + "|"]
+    lines += [f"| {arm} | " + " | ".join(f"{e['fid']:.1f}" for e in run if e["step"] > budget) +
+              f" | {run[-1]['class_accuracy']:.3f} | {steps_to(run, goal)} |" for arm, run in long.items()]
   return "\n".join(lines)
 
 
-def plot(results: dict[str, list[dict]], path: epath.Path) -> None:
+def plot(results: dict[str, list[dict]], path: epath.Path, budget: int) -> None:
+  """FD against steps: mean +- std over the seeds up to the budget, the --long_seed run past it (dotted)."""
   fig, ax = plt.subplots(figsize=(6, 4))
   for arm, runs in results.items():
-    steps = [e["step"] for e in runs[0]["evals"]]
-    fd = np.array([[e["fid"] for e in r["evals"]] for r in runs])
+    evals = [within(r["evals"], budget) for r in runs]
+    steps = [e["step"] for e in evals[0]]
+    fd = np.array([[e["fid"] for e in run] for run in evals])
     several = len(runs) > 1
-    ax.errorbar(steps, fd.mean(0), yerr=fd.std(0, ddof=1) if several else None, marker="o", capsize=3,
-                linestyle="-" if several else "--", label=arm if several else f"{arm} (one seed)")
+    line = ax.errorbar(steps, fd.mean(0), yerr=fd.std(0, ddof=1) if several else None, marker="o", capsize=3,
+                       linestyle="-" if several else "--", label=arm if several else f"{arm} (one seed)")
+    for r in runs:
+      if r["evals"][-1]["step"] > budget:
+        later = [e for e in r["evals"] if e["step"] >= budget]
+        ax.plot([e["step"] for e in later], [e["fid"] for e in later], linestyle=":", marker=".",
+                color=line.lines[0].get_color())
+  ax.axvline(budget, color="grey", linewidth=0.5)
   ax.set(xlabel="training step (batch 32)", ylabel="FD (CNN features vs test split)", yscale="log",
-         title="SiT-S/4 on Fashion-MNIST, mean +- std over seeds")
+         title="SiT-S/4 on Fashion-MNIST, mean +- std over seeds (dotted: one seed past the budget)")
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -163,16 +192,23 @@ def main(argv):
   del argv
   root = epath.Path(_WORKDIR.value)
   root.mkdir(parents=True, exist_ok=True)
-  disperse = grid()
+  if unknown := set(_ARMS.value) - set(ARMS):
+    raise SystemExit(f"--arms: {sorted(unknown)} are not arms of the study {ARMS}; other presets go to --extra_arms")
+  disperse = grid() if _GRID.value or {"disperse", "both"} & set(_ARMS.value) else None
   if _GRID.value:
     return
-  seeds = {**{arm: _SEEDS.value for arm in ARMS},
+  seeds = {**{arm: _SEEDS.value for arm in _ARMS.value},
            **{arm: _SEEDS.value[:_EXTRA_SEEDS.value] for arm in _EXTRA_ARMS.value}}
-  results = {arm: [run(f"{arm}_seed{seed}", run_config(arm, int(seed), _STEPS.value, _EVAL_EVERY.value, disperse))
+  budget = _STEPS.value
+
+  def steps(seed: str) -> int:
+    return budget * (_LONG_FACTOR.value if seed == _LONG_SEED.value else 1)
+
+  results = {arm: [run(f"{arm}_seed{seed}", run_config(arm, int(seed), steps(seed), _EVAL_EVERY.value, disperse))
                    for seed in arm_seeds] for arm, arm_seeds in seeds.items()}
-  text = report(results, disperse)
+  text = report(results, disperse, budget)
   (root / "study.md").write_text(text + "\n")
-  plot(results, root / "study.png")
+  plot(results, root / "study.png", budget)
   print(text)
 
 
