@@ -28,6 +28,9 @@ from etils import epath
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repository root, for configs/
 from configs import fashion_mnist  # noqa: E402
 from repa_jax.evaluate.evaluate import periodic_evaluator  # noqa: E402
+from repa_jax.evaluate.representation import PROBE_TIMES, representation_metrics  # noqa: E402
+from repa_jax.sample.generate import load_sit_ema  # noqa: E402
+from repa_jax.specs import sharding  # noqa: E402
 from repa_jax.train.loop import train  # noqa: E402
 
 matplotlib.use("Agg")
@@ -93,6 +96,17 @@ def run(name: str, config) -> dict:
   return result
 
 
+def representation(name: str, config) -> dict:
+  """The representation metrics (repa_jax.evaluate.representation) of a run's EMA model at the budget, cached in
+  <run>/representation.json."""
+  path = epath.Path(_WORKDIR.value) / name / "representation.json"
+  if not path.exists():
+    params, _ = load_sit_ema(config, str(path.parent), sharding.make_mesh(config.mesh.axes, config.mesh.shape),
+                             step=_STEPS.value)
+    path.write_text(json.dumps(representation_metrics(config, params)))
+  return json.loads(path.read_text())
+
+
 def grid() -> tuple[float, float]:
   """Runs GRID on seed 0 for --grid_steps steps; writes <workdir>/grid.md; returns the (λ, τ) of the lowest FD."""
   steps = _GRID_STEPS.value
@@ -115,6 +129,42 @@ def steps_to(evals: list[dict], fd: float) -> int | None:
 def within(evals: list[dict], budget: int) -> list[dict]:
   """The evaluations at steps <= budget (a long run's part that equals a run of the budget)."""
   return [e for e in evals if e["step"] <= budget]
+
+
+def welch(what: str, mine: np.ndarray, other: np.ndarray) -> str:
+  """A sentence: the two means, Welch's two-sided t-test, significant at 5% or not."""
+  test = scipy.stats.ttest_ind(mine, other, equal_var=False)
+  verdict = "significant" if test.pvalue < 0.05 else "not significant"
+  return (f"- {what}: {mine.mean():.3f} vs {other.mean():.3f}, Welch's t = {test.statistic:.2f}, "
+          f"p = {test.pvalue:.3f}: {verdict} at 0.05.")
+
+
+def representation_table(results: dict[str, list[dict]], budget: int) -> list[str]:
+  """Per arm at the budget: the linear probe of the block's mean-pooled tokens and its CKNNA / mutual k-NN to the
+  target encoder at each probe t, mean +- std over seeds; the floors; Welch's tests of each arm against none."""
+  rep = {arm: [r["representation"] for r in runs] for arm, runs in results.items()}
+  first = rep["none"][0]
+  columns = [f"{kind}_t{t}" for kind in ("probe", "cknna", "mutual_knn") for t in PROBE_TIMES]
+  titles = {"probe": "probe", "cknna": "CKNNA", "mutual_knn": "mutual k-NN"}
+  lines = ["", f"Representations at step {budget}: block {first['block']}'s mean-pooled tokens on noised test images "
+           f"(null class), linear probe (ridge) fitted on train images; alignment to the {first['encoder']} "
+           f"encoder's mean-pooled features (k = {first['knn']}). Floors: the same probe on the noised pixels " +
+           ", ".join(f"{first[f'probe_pixels_t{t}']:.3f} (t = {t})" for t in PROBE_TIMES) +
+           f"; on the encoder's clean features {first['probe_encoder']:.3f}.\n",
+           "| arm | " + " | ".join(f"{titles[c.rsplit('_t', 1)[0]]} t={c.rsplit('_t', 1)[1]}" for c in columns) + " |",
+           "|---" * (len(columns) + 1) + "|"]
+  for arm, runs in rep.items():
+    values = {c: np.array([r[c] for r in runs]) for c in columns}
+    spread = lambda v: f" +- {v.std(ddof=1):.3f}" if len(v) > 1 else ""
+    lines.append(f"| {arm} | " + " | ".join(f"{values[c].mean():.3f}{spread(values[c])}" for c in columns) + " |")
+  lines.append("")
+  middle = PROBE_TIMES[len(PROBE_TIMES) // 2]
+  for arm in rep:
+    if arm == "none" or len(rep[arm]) < 2:
+      continue
+    lines += [welch(f"{arm} vs none, {metric}", *(np.array([r[metric] for r in rep[a]]) for a in (arm, "none")))
+              for metric in (f"probe_t{middle}", f"cknna_t{middle}")]
+  return lines
 
 
 def report(results: dict[str, list[dict]], disperse: tuple[float, float] | None, budget: int) -> str:
@@ -146,11 +196,9 @@ def report(results: dict[str, list[dict]], disperse: tuple[float, float] | None,
   for arm, other in pairs:
     if len(results[arm]) < 2:  # one seed: no test
       continue
-    for metric, values in (("FD at the end", {a: v[:, -1] for a, v in fd.items()}), ("class accuracy", acc)):
-      test = scipy.stats.ttest_ind(values[arm], values[other], equal_var=False)
-      verdict = "significant" if test.pvalue < 0.05 else "not significant"
-      lines.append(f"- {arm} vs {other}, {metric}: {values[arm].mean():.3f} vs {values[other].mean():.3f}, Welch's "
-                   f"t = {test.statistic:.2f}, p = {test.pvalue:.3f}: {verdict} at 0.05.")
+    lines += [welch(f"{arm} vs {other}, {metric}", values[arm], values[other])
+              for metric, values in (("FD at the end", {a: v[:, -1] for a, v in fd.items()}), ("class accuracy", acc))]
+  lines += representation_table(results, budget)
   long = {arm: r["evals"] for arm, runs in results.items() for r in runs if r["evals"][-1]["step"] > budget}
   if long:
     best = min(fd, key=lambda arm: fd[arm][:, -1].mean())
@@ -204,8 +252,11 @@ def main(argv):
   def steps(seed: str) -> int:
     return budget * (_LONG_FACTOR.value if seed == _LONG_SEED.value else 1)
 
-  results = {arm: [run(f"{arm}_seed{seed}", run_config(arm, int(seed), steps(seed), _EVAL_EVERY.value, disperse))
-                   for seed in arm_seeds] for arm, arm_seeds in seeds.items()}
+  def run_and_probe(arm: str, seed: str) -> dict:
+    name, config = f"{arm}_seed{seed}", run_config(arm, int(seed), steps(seed), _EVAL_EVERY.value, disperse)
+    return {**run(name, config), "representation": representation(name, config)}
+
+  results = {arm: [run_and_probe(arm, seed) for seed in arm_seeds] for arm, arm_seeds in seeds.items()}
   text = report(results, disperse, budget)
   (root / "study.md").write_text(text + "\n")
   plot(results, root / "study.png", budget)
