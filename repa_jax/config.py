@@ -31,6 +31,12 @@ def base_config() -> ml_collections.ConfigDict:
   # per-step batch.
   c.disperse = dict(weight=0.5, variant="infonce_l2", temperature=0.5, blocks=placeholder(tuple), group_size=16,
                     margin=1.0, stop_step=placeholder(int))
+  # SRA (objectives/self_alignment.py, no encoder): the online model's block student_block through a head, aligned to
+  # the EMA model's block teacher_block at a less noisy time (up to max_time_gap earlier); weight 0 switches it off
+  # (no head; see `select_regularizers`). objective smooth_l1 (beta) | cosine; the weight falls 10x per decay_epochs
+  # epochs of steps_per_epoch steps after decay_start_epoch (decay_epochs None: constant). Blocks are SRA's for XL/2.
+  c.sra = dict(weight=0.2, student_block=8, teacher_block=20, max_time_gap=0.2, objective="smooth_l1", beta=0.05,
+               steps_per_epoch=5005, decay_start_epoch=149, decay_epochs=1000, stop_step=placeholder(int))
   # keep_every: also keep every keep_every-th checkpoint for good (None: only the newest keep_checkpoints).
   # restore_step: resume from this checkpoint (None: the newest readable one).
   # ema_warmup: decay min(ema_decay, (1 + step) / (10 + step)) instead of a constant ema_decay (REPA: constant).
@@ -94,12 +100,13 @@ def choose(name: str, value: str, options: dict):
 IREPA = {"projector": "conv", "projector_kernel": 3, "target_norm": "zscore", "zscore_gamma": 0.6, "weight": 1.0}
 REGULARIZERS = {"none": ((), {}), "repa": (("align",), {}), "disperse": (("disperse",), {}),
                 "both": (("align", "disperse"), {}), "irepa": (("align",), {"align": IREPA}),
-                "irepa+disperse": (("align", "disperse"), {"align": IREPA})}
+                "irepa+disperse": (("align", "disperse"), {"align": IREPA}), "sra": (("sra",), {})}
 
 
 def select_regularizers(c: ml_collections.ConfigDict, reg: str) -> None:
   """Keep the regularisers of preset `reg` (a REGULARIZERS key), set its fields, and switch the others off: without
-  alignment the model has no projectors (align.encoders = ()), without the dispersive term its weight is 0."""
+  alignment the model has no projectors (align.encoders = ()), without the dispersive term or SRA their weight is 0
+  (SRA's: no head)."""
   kept, fields = choose("reg", reg, REGULARIZERS)
   for section, values in fields.items():
     c[section].update(values)
@@ -107,3 +114,5 @@ def select_regularizers(c: ml_collections.ConfigDict, reg: str) -> None:
     c.align.encoders = ()
   if "disperse" not in kept:
     c.disperse.weight = 0.0
+  if "sra" not in kept:
+    c.sra.weight = 0.0

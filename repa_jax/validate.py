@@ -9,6 +9,7 @@ from repa_jax.data.features import QUANTIZATIONS
 from repa_jax.objectives.alignment import OBJECTIVES, TARGET_NORMS
 from repa_jax.objectives.dispersive import VARIANTS
 from repa_jax.objectives.flow import PATHS, TIME_SAMPLERS
+from repa_jax.objectives.self_alignment import SRA_OBJECTIVES
 from repa_jax.sample.generate import LABEL_MODES
 from repa_jax.sample.samplers import SAMPLERS
 from repa_jax.specs.model import DTYPES, MLPS, NORMS, PROJECTORS, REMAT
@@ -60,6 +61,10 @@ RULES: dict[str, Rule] = {
     "disperse.temperature": number(0, 100, low_open=True),
     "disperse.group_size": number(2, integer=True, optional=True),
     "disperse.margin": number(0, 100),
+    "sra.weight": number(0, 100), "sra.student_block": POSITIVE, "sra.teacher_block": POSITIVE,
+    "sra.max_time_gap": PROBABILITY, "sra.objective": one_of(SRA_OBJECTIVES), "sra.beta": number(0, 100, low_open=True),
+    "sra.steps_per_epoch": POSITIVE, "sra.decay_start_epoch": COUNT,
+    "sra.decay_epochs": number(1, integer=True, optional=True), "sra.stop_step": number(0, integer=True, optional=True),
     "train.batch_size": POSITIVE,
     "train.steps": lambda value: POSITIVE(value) and f"{POSITIVE(value)} (0 steps: there is nothing to train)",
     "train.lr": number(0, 1, low_open=True),
@@ -102,5 +107,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     low, high = config[section].guidance_low, config[section].guidance_high
     if PROBABILITY(low) is None and PROBABILITY(high) is None and low >= high:
       problems.append(f"config.{section}.guidance_low={low} >= guidance_high={high}: the guidance interval is empty")
+  student, teacher = config.sra.student_block, config.sra.teacher_block
+  if config.sra.weight and POSITIVE(student) is None and POSITIVE(teacher) is None and student >= teacher:
+    problems.append(f"config.sra.student_block={student} >= teacher_block={teacher}: SRA's teacher is a later block")
   if problems:
     raise ValueError("invalid config, nothing was run:\n  " + "\n  ".join(problems))

@@ -29,6 +29,8 @@ def test_a_run_resumed_across_a_stop_step_is_bit_identical(tmp_path):
   def config(steps):
     c = tiny_run_config(steps)
     c.align.stop_step, c.disperse.stop_step = 4, 5  # both switch off after the resume at step 3
+    c.sra.update(weight=0.2, student_block=1, teacher_block=3, stop_step=5)  # and SRA, with its EMA teacher
+    c.mesh.shape = (8, 1)  # see SRA_MESH in tests/test_train_step.py
     return c
   uninterrupted = jax.device_get(train(config(6), str(tmp_path / "a")))
   train(config(3), str(tmp_path / "b"))

@@ -13,7 +13,8 @@ from tests.processes import ROOT
 ZERO_ALLOWED = {"seed", "flow.cosine_weight", "align.weight", "align.stop_step", "align.zscore_gamma", "disperse.weight",
                 "disperse.stop_step", "disperse.margin", "train.warmup_steps", "train.b1", "train.b2", "train.muon_beta", "train.weight_decay", "train.ema_decay", "train.label_dropout", "train.restore_step",
                 "sample.cfg_scale", "sample.guidance_low", "sample.seed", "sample.checkpoint_step",
-                "evaluate.cfg_scale", "evaluate.guidance_low"}
+                "evaluate.cfg_scale", "evaluate.guidance_low", "sra.weight", "sra.max_time_gap",
+                "sra.decay_start_epoch", "sra.stop_step"}
 HUGE_ALLOWED = {"seed", "align.stop_step", "disperse.stop_step", "model.depth", "model.width", "model.num_heads",
                 "data.num_classes", "align.block",
                 "align.projector_dim", "disperse.group_size", "train.batch_size", "train.steps", "train.warmup_steps",
@@ -22,7 +23,8 @@ HUGE_ALLOWED = {"seed", "align.stop_step", "disperse.stop_step", "model.depth", 
                 "sample.seed", "sample.checkpoint_step", "evaluate.every_steps", "evaluate.num_samples",
                 "evaluate.batch_size", "evaluate.steps", "evaluate.classifier_steps", "precompute.resolution",
                 "precompute.limit", "precompute.num_shards", "precompute.batch_size", "precompute.workers",
-                "precompute.encoder_steps"}
+                "precompute.encoder_steps", "sra.student_block", "sra.teacher_block", "sra.steps_per_epoch",
+                "sra.decay_start_epoch", "sra.decay_epochs", "sra.stop_step"}
 
 
 def fields(config, prefix=""):

@@ -1,5 +1,7 @@
 """The projectors from SiT hidden tokens to an encoder's feature width: REPA's MLP per token, Linear(D, 2048) - SiLU -
-Linear(2048, 2048) - SiLU - Linear(2048, z_dim); iREPA's single k x k convolution over the token grid."""
+Linear(2048, 2048) - SiLU - Linear(2048, z_dim); iREPA's single k x k convolution over the token grid; and SRA's
+head from a block's tokens to a later block's, Linear(D, 2D) - SiLU - Linear(2D, D) (vvvvvjdy/SRA
+SiT-SRA/models/sit.py:18-27)."""
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -32,3 +34,14 @@ class ConvProjector(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, n, d = x.shape
     return self.conv(x.reshape(b, *self.grid, d)).reshape(b, n, -1)
+
+
+class SelfAlignmentHead(nnx.Module):
+  """SRA's head, per token: [B, N, D] -> [B, N, D]; Xavier-uniform weights, zero biases (as SRA initialises it)."""
+
+  def __init__(self, width: int, rngs: nnx.Rngs, *, dtype=jnp.float32):
+    self.fc1 = linear(width, 2 * width, rngs, dtype=dtype)
+    self.fc2 = linear(2 * width, width, rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(nnx.silu(self.fc1(x)))

@@ -1,15 +1,15 @@
-"""The trained model: a SiT backbone plus one REPA projector per aligned encoder (projectors are used in training
-only)."""
+"""The trained model: a SiT backbone plus one REPA projector per aligned encoder and, with SRA, its head (both are used
+in training only)."""
 import jax
 from flax import nnx
 
-from repa_jax.models.projector import ConvProjector, Projector
+from repa_jax.models.projector import ConvProjector, Projector, SelfAlignmentHead
 from repa_jax.models.sit import SiT
 from repa_jax.specs.model import ModelSpec
 
 
 class RepaSiT(nnx.Module):
-  """`sit` (the velocity model) and `projectors[name]` for each encoder of the spec."""
+  """`sit` (the velocity model), `projectors[name]` for each encoder of the spec, and `sra_head` iff spec.sra_head."""
 
   def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
     dtype = spec.compute_dtype
@@ -19,6 +19,8 @@ class RepaSiT(nnx.Module):
         return ConvProjector(spec.sit.width, z_dim, spec.sit.grid, rngs, kernel=spec.projector_kernel, dtype=dtype)
       return Projector(spec.sit.width, z_dim, rngs, hidden=spec.projector_dim, dtype=dtype)
     self.projectors = nnx.Dict({name: projector(width) for name, width in spec.encoders})
+    if spec.sra_head:
+      self.sra_head = SelfAlignmentHead(spec.sit.width, rngs, dtype=dtype)
 
 
 def build_model(spec: ModelSpec, key: jax.Array) -> RepaSiT:

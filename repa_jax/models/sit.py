@@ -76,28 +76,43 @@ class SiT(nnx.Module):
       block = jax.checkpoint(block, policy=policy)
     return jax.lax.scan(lambda h, p: (block(h, p), None), hidden, segment)[0]
 
+  def embed(self, x: jax.Array, t: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [B, H, W, C], t [B], y [B] -> (tokens entering block 1 [B, N, D], conditioning c [B, D])."""
+    _, h, w, _ = x.shape
+    p, (gh, gw) = self.spec.patch, self.spec.grid
+    if (h, w) != tuple(self.spec.input_size):
+      raise ValueError(f"input {h}x{w} does not match the model's input_size {self.spec.input_size}")
+    tokens = patchify(x, p)
+    position = sincos_pos_embed_2d(self.spec.width, gh, gw).astype(self.dtype)
+    hidden = self.patch_embed(tokens.astype(self.dtype)) + position
+    return hidden, (self.t_embed(t) + self.y_embed(y)).astype(self.dtype)
+
+  def run_to(self, hidden: jax.Array, c: jax.Array,
+             blocks: Sequence[int]) -> tuple[dict[int, jax.Array], jax.Array, int]:
+    """Runs the blocks up to the last of `blocks` (1-indexed): ({k: output of block k}, the last output, its index)."""
+    for k in blocks:
+      if not 1 <= k <= self.spec.depth:
+        raise ValueError(f"hidden block {k} is outside 1..{self.spec.depth} (the model depth)")
+    hiddens, done = {}, 0
+    for k in sorted(set(blocks)):
+      hidden, done = self.run_blocks(hidden, c, done, k), k
+      hiddens[k] = hidden
+    return hiddens, hidden, done
+
+  def hidden_states(self, x: jax.Array, t: jax.Array, y: jax.Array, blocks: Sequence[int]) -> dict[int, jax.Array]:
+    """{k: output of block k, [B, N, D]} for k in blocks, running no block after the last of them (SRA's teacher)."""
+    return self.run_to(*self.embed(x, t, y), blocks)[0]
+
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array,
                hidden_blocks: Sequence[int] = ()) -> tuple[jax.Array, dict[int, jax.Array]]:
     """Returns the velocity [B, H, W, C] (float32) and {k: output of block k, [B, N, D]} for k in hidden_blocks.
 
     Blocks are numbered from 1 like REPA's `encoder_depth`: block k is the output of the k-th block.
     """
-    for k in hidden_blocks:
-      if not 1 <= k <= self.spec.depth:
-        raise ValueError(f"hidden block {k} is outside 1..{self.spec.depth} (the model depth)")
-    _, h, w, _ = x.shape
-    p, (gh, gw) = self.spec.patch, self.spec.grid
-    if (h, w) != tuple(self.spec.input_size):
-      raise ValueError(f"input {h}x{w} does not match the model's input_size {self.spec.input_size}")
-    tokens = patchify(x, p)
-    hidden = self.patch_embed(tokens.astype(self.dtype)) + sincos_pos_embed_2d(self.spec.width, gh, gw).astype(self.dtype)
-    c = (self.t_embed(t) + self.y_embed(y)).astype(self.dtype)
-    hiddens, done = {}, 0
-    for k in sorted(set(hidden_blocks)):
-      hidden, done = self.run_blocks(hidden, c, done, k), k
-      hiddens[k] = hidden
+    hidden, c = self.embed(x, t, y)
+    hiddens, hidden, done = self.run_to(hidden, c, hidden_blocks)
     hidden = self.run_blocks(hidden, c, done, self.spec.depth)
     shift, scale = jnp.split(self.final_ada_ln(nnx.silu(c)), 2, axis=-1)
     out = self.final_linear(modulate(self.final_norm(hidden), shift, scale))
-    out = unpatchify(out, p, h, w)
+    out = unpatchify(out, self.spec.patch, *x.shape[1:3])
     return out.astype(jnp.float32), hiddens

@@ -53,7 +53,7 @@ class ModelSpec:
   (one of PROJECTORS; the MLP's hidden width projector_dim, the convolution's kernel projector_kernel), and
   the compute dtype ('float32' | 'bfloat16') and the blocks' rematerialisation (one of REMAT; it changes what the
   backward pass stores and recomputes, never a value). The projectors exist iff `encoders` is non-empty, whatever the
-  loss weights: a weight only scales its term."""
+  loss weights: a weight only scales its term. `sra_head`: the model has SRA's head (config.sra.weight is not 0)."""
   sit: SiTSpec
   encoders: tuple[tuple[str, int], ...]
   projector_dim: int
@@ -61,6 +61,7 @@ class ModelSpec:
   remat: str = "none"
   projector: str = "mlp"
   projector_kernel: int = 1
+  sra_head: bool = False
 
   def __post_init__(self):
     if self.dtype not in DTYPES:
@@ -101,11 +102,11 @@ def sit_spec(config: ml_collections.ConfigDict) -> SiTSpec:
 
 
 def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
-  """The model of a config: its SiT and a projector for each of config.align.encoders."""
+  """The model of a config: its SiT, a projector for each of config.align.encoders, SRA's head if SRA is on."""
   return ModelSpec(sit=sit_spec(config), encoders=tuple((str(n), int(w)) for n, w in config.align.encoders),
                    projector_dim=config.align.projector_dim, dtype=config.model.dtype,
                    remat=config.model.remat, projector=config.align.projector,
-                   projector_kernel=config.align.projector_kernel)
+                   projector_kernel=config.align.projector_kernel, sra_head=bool(config.sra.weight))
 
 
 def aligned_encoders(config: ml_collections.ConfigDict) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""The pure train step: flow loss + lambda_align * REPA + lambda_disp * dispersive, AdamW, EMA."""
+"""The pure train step: flow loss + lambda_align * REPA + lambda_disp * dispersive + lambda_sra * SRA, the optimizer,
+EMA."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -8,6 +9,7 @@ from flax import nnx
 from repa_jax.objectives.alignment import alignment_loss, normalize_targets
 from repa_jax.objectives.dispersive import dispersive_loss
 from repa_jax.objectives.flow import flow_loss, interpolate, sample_time, velocity_direction_loss
+from repa_jax.objectives.self_alignment import self_alignment_loss, sra_weight, teacher_time
 from repa_jax.models.repa_sit import model_graphdef
 from repa_jax.specs import rng, sharding
 from repa_jax.specs.data import DatasetRequirement, check_encoder_features, dataset_requirement
@@ -58,18 +60,26 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
   requirement = dataset_requirement(config)
   encoders = aligned_encoders(config)
   disperse_blocks = dispersive_blocks(config)
-  hidden_blocks = tuple(sorted(set(disperse_blocks) | ({align.block} if encoders else set())))
+  sra = config.sra
+  hidden_blocks = tuple(sorted(set(disperse_blocks) | ({align.block} if encoders else set()) |
+                               ({sra.student_block} if sra.weight else set())))
   train_key = rng.stream(config.seed, "train")
 
   def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
     if encoders:
       check_features(batch["features"], requirement)
 
-    latent_key, drop_key, time_key, noise_key = jax.random.split(jax.random.fold_in(train_key, state["step"]), 4)
+    step_key = jax.random.fold_in(train_key, state["step"])
+    latent_key, drop_key, time_key, noise_key = jax.random.split(step_key, 4)
     x = sample_latents(latent_key, batch, config.data.latent_scale)
     y = drop_labels(drop_key, batch["label"], config.train.label_dropout, spec.num_classes)
     t = sample_time(time_key, x.shape[0], config.flow.time_sampler, config.flow.path)
-    x_t, v_target = interpolate(x, jax.random.normal(noise_key, x.shape, jnp.float32), t, config.flow.path)
+    noise = jax.random.normal(noise_key, x.shape, jnp.float32)
+    x_t, v_target = interpolate(x, noise, t, config.flow.path)
+    if sra.weight:  # SRA's teacher: the EMA model's block on the same data and noise at a less noisy time
+      s = teacher_time(jax.random.fold_in(step_key, 1), t, sra.max_time_gap)
+      teacher = jax.lax.stop_gradient(nnx.merge(graphdef, state["ema_params"]).sit.hidden_states(
+          interpolate(x, noise, s, config.flow.path)[0], s, y, (sra.teacher_block,))[sra.teacher_block])
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
@@ -91,15 +101,21 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
             dispersive_loss(hiddens[k], variant=disperse.variant, temperature=disperse.temperature,
                             group_size=disperse.group_size, margin=disperse.margin) for k in disperse_blocks]))
         total = total + disperse.weight * active(disperse.stop_step, state["step"]) * terms["disperse"]
+      if sra.weight:
+        terms["sra"] = self_alignment_loss(model.sra_head(hiddens[sra.student_block]), teacher, sra.objective,
+                                           sra.beta)
+        weight = sra_weight(state["step"], sra.weight, sra.steps_per_epoch, sra.decay_start_epoch, sra.decay_epochs)
+        total = total + weight * active(sra.stop_step, state["step"]) * terms["sra"]
       return total, terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    # Projectors without their term (align.weight 0, or from align.stop_step on) stay as they are, whatever Adam's
-    # momentum says.
-    projectors_train = active(align.stop_step, state["step"]) if encoders else False
+    # Projectors and SRA's head without their term (align.weight 0, or from their stop_step on) stay as they are,
+    # whatever the optimizer's momentum says.
+    trains = {"projectors": active(align.stop_step, state["step"]) if encoders else False,
+              "sra_head": active(sra.stop_step, state["step"])}
     updates = jax.tree_util.tree_map_with_path(
-        lambda path, u: jnp.where(projectors_train, u, 0) if path[0].key == "projectors" else u, updates)
+        lambda path, u: jnp.where(trains[path[0].key], u, 0) if path[0].key in trains else u, updates)
     params = optax.apply_updates(state["params"], updates)
     decay = ema_decay(state["step"])
     ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema_params"], params)
