@@ -26,7 +26,9 @@ setuptools.setup(
     install_requires=CORE + ["jax[cpu]==0.10.2"],
     extras_require={
         "tpu": ["jax[tpu]==0.10.2"],
-        "test": ["pytest", "pytest-xdist"],
+        "test": ["pytest", "pytest-xdist", "libtpu==0.0.42.*"],
+        # benchmarks/tpu_compile.py: libtpu's compiler, to compile TPU programs on a machine without a TPU.
+        "tpu-compile": ["libtpu==0.0.42.*"],
         "study": ["matplotlib", "scipy"],
         # Parity tests of the DINOv2 / SD-VAE / Inception ports against their PyTorch references. torch 2.14.1 +
         # torchvision 0.29.1 is the pair that installs together here (pytorch-fid imports torchvision).

@@ -9,19 +9,23 @@ The mesh, state, optimizer, batches and the jitted step are built by the same li
 Only the train step is timed: each timed step gets a batch made (and finished) beforehand.
 """
 import os
+import pathlib
 import resource
 import statistics
+import sys
 import time
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from repa_jax.specs import sharding
-from repa_jax.specs.model import aligned_encoders, dispersive_blocks, sit_spec
-from repa_jax.train.loop import make_batches
-from repa_jax.train.state import abstract_state, init_state, make_optimizer
-from repa_jax.train.step import jit_train_step
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repository root, for benchmarks/
+from benchmarks.flops import analytic_flops  # noqa: E402
+from repa_jax.specs import sharding  # noqa: E402
+from repa_jax.specs.model import aligned_encoders, dispersive_blocks, sit_spec  # noqa: E402
+from repa_jax.train.loop import make_batches  # noqa: E402
+from repa_jax.train.state import abstract_state, init_state, make_optimizer  # noqa: E402
+from repa_jax.train.step import jit_train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/imagenet.py:model=B/2.")
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch size (sets config.train.batch_size).")
@@ -29,31 +33,6 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "If set, write a jax.profiler trace of the timed steps here.")
 flags.mark_flags_as_required(["config"])
-
-
-def analytic_flops(config) -> dict[str, float]:
-  """Matmul FLOPs (2 per multiply-add) of one training step's forward + backward (backward = 2 x forward).
-
-  Counts, per image: patch embed 2*T*(p*p*C)*D; per SiT block 2*T*12*D^2 (qkv 3D^2, proj D^2, MLP 8D^2 at ratio 4)
-  + attention 2*2*T^2*D (QK^T and AV) + adaLN 2*D*6D; final layer 2*D*2D + 2*T*D*(p*p*C); timestep MLP
-  2*(256*D + D*D); REPA projector per token and encoder 2*T*(D*H + H*H + H*z). Ignores element-wise work
-  (norms, softmax, GELU, losses), the optimizer and the EMA. Total = 3 * forward * batch.
-  """
-  spec = sit_spec(config)
-  t, d, pc = spec.num_tokens, spec.width, spec.patch ** 2 * spec.in_channels
-  hidden_mlp = int(d * spec.mlp_ratio)
-  per_block = 2 * t * (4 * d * d + 2 * d * hidden_mlp) + 2 * 2 * t * t * d + 2 * d * 6 * d
-  terms = {
-      "blocks": spec.depth * per_block,
-      "embed+final": 2 * t * pc * d + 2 * d * 2 * d + 2 * t * d * pc + 2 * (256 * d + d * d),
-      "projector": 0.0,
-  }
-  h = config.align.projector_dim
-  terms["projector"] = sum(2 * t * (d * h + h * h + h * z) for z in aligned_encoders(config).values())
-  batch = config.train.batch_size
-  out = {k: 3.0 * v * batch for k, v in terms.items()}
-  out["total"] = sum(out.values())
-  return out
 
 
 def xla_flops(compiled) -> float | None:

@@ -8,6 +8,7 @@ import pytest
 
 from repa_jax.data import sources
 
+jax.config.update("jax_platforms", "cpu")  # also where libtpu is installed (the TPU compile test): no TPU here
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="repa_jax_xla_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

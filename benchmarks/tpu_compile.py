@@ -1,0 +1,173 @@
+"""Compiles the real train step for a TPU slice on this machine (no TPU needed) and reports what it would cost there.
+
+  pip install -e ".[tpu-compile]"   # libtpu, the TPU compiler (212 MB)
+  python benchmarks/tpu_compile.py --topology=v5p:4x4x2 --config=configs/imagenet.py:model=XL/2,reg=repa,res=256 \\
+      --config.train.batch_size=256 --config.mesh.shape='(1,32)'
+
+`jax.experimental.topologies.get_topology_desc` gives the devices of the slice; the step that `train()` runs
+(`train/step.py:jit_train_step`, with the state and batch shardings of `specs/sharding.py` over those devices) is
+lowered on ShapeDtypeStructs and compiled by libtpu's compiler. Printed: the per-chip argument / output / temporary
+bytes of `compiled.memory_analysis()` against the chip's HBM, the compile time, every collective of the HLO with its
+count and bytes per step (ops inside a `while` body, the scanned blocks, counted once per trip), and the analytic
+FLOPs per chip with the MFU that --step_time_s would mean. XLA's own cost analysis counts a loop body once, so it is
+not used. Last line: `SUMMARY topology=... chips=... hbm_gib=... argument_gib=... temp_gib=... fits=yes|no`.
+"""
+import collections
+import os
+import re
+import sys
+import time
+
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server here
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: several processes may load libtpu
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from benchmarks.flops import analytic_flops  # noqa: E402
+from repa_jax.specs import sharding  # noqa: E402
+from repa_jax.specs.model import aligned_encoders, sit_spec  # noqa: E402
+from repa_jax.train.state import abstract_state, make_optimizer  # noqa: E402
+from repa_jax.train.step import jit_train_step  # noqa: E402
+
+jax.config.update("jax_platforms", "cpu")  # the host's own backend stays the CPU; the TPU exists only as a topology
+GIB = 2**30
+# Per chip: HBM (GiB) and dense bfloat16 peak (TFLOP/s), from Google Cloud's TPU pages. v4 as 'megacore' (one device
+# per chip); without it libtpu presents each v4 chip as two devices of half the HBM.
+CHIPS = {"v4": (32.0, 275.0), "v5e": (16.0, 197.0), "v5litepod": (16.0, 197.0), "v5p": (95.0, 459.0),
+         "v6e": (31.25, 918.0)}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+               "s64": 8, "u64": 8, "f64": 8}
+
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x2 (v5p-64), v6e:8x8, v4:2x2x4.")
+_CHIP_CONFIG = flags.DEFINE_string("chip_config_name", None, "libtpu chip config, e.g. 'megacore' for v4.")
+_STEP_TIME = flags.DEFINE_float("step_time_s", None, "A measured step time on that slice, for the MFU it means.")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config.")
+
+
+def size(nbytes: float) -> str:
+  return f"{nbytes / GIB:.2f} GiB" if nbytes >= 0.1 * GIB else f"{nbytes / 2**20:.2f} MiB"
+
+
+def chip(topology: str) -> tuple[float, float]:
+  """(HBM GiB, peak bf16 TFLOP/s) of the topology's chip kind ('v5p:4x4x2' -> v5p)."""
+  kind = topology.split(":")[0].split("-")[0]
+  if kind not in CHIPS:
+    raise SystemExit(f"--topology={topology}: unknown chip {kind!r}; known: {sorted(CHIPS)}")
+  return CHIPS[kind]
+
+
+def abstract_batch(config, batch_sharding) -> dict:
+  """The train batch's ShapeDtypeStructs (as FeatureBatches / SyntheticBatches give it) in the batch sharding."""
+  batch, spec = config.train.batch_size, sit_spec(config)
+  struct = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+  shape = (batch, *config.data.latent_shape)
+  out = {"latent_mean": struct(shape), "label": struct((batch,), jnp.int32),
+         "features": {name: struct((batch, spec.num_tokens, width)) for name, width in aligned_encoders(config).items()}}
+  if config.data.autoencoder != "identity":
+    out["latent_std"] = struct(shape)
+  return out
+
+
+def shape_bytes(text: str) -> int:
+  """Bytes of an HLO result shape, e.g. 'f32[28,1152]' or a tuple '(bf16[8,4], f32[2])'."""
+  total = 0
+  for dtype, dims in re.findall(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]", text):
+    if dtype in DTYPE_BYTES:
+      count = 1
+      for d in filter(None, dims.split(",")):
+        count *= int(d)
+      total += count * DTYPE_BYTES[dtype]
+  return total
+
+
+def collectives(hlo: str) -> dict[str, tuple[int, int]]:
+  """{collective kind: (executions per step, bytes per step)} of an HLO module's text: each op (or its async -start)
+  counted once per trip of the while loops around it."""
+  computations, current = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if header:
+      current = header.group(1)
+      computations[current] = []
+    elif current is not None:
+      computations[current].append(line)
+  def trip_count(line: str) -> int:
+    """A while's trips: its known_trip_count, else the bound N of its condition `i < constant(N)` (lax.scan's)."""
+    if known := re.search(r'"known_trip_count":\{"n":"(\d+)"', line):
+      return int(known.group(1))
+    condition = computations.get(re.search(r"condition=%?([\w.\-]+)", line).group(1), [])
+    bound = [int(c) for l in condition for c in re.findall(r"s32\[\]\S* constant\((\d+)\)", l)]
+    return bound[0] if len(bound) == 1 and any("direction=LT" in l for l in condition) else 1
+
+  trips = collections.defaultdict(lambda: 1)
+  for _ in range(4):  # nested loops: propagate the trip counts outward-in a few times
+    for name, lines in computations.items():
+      for line in lines:
+        body = re.search(r"body=%?([\w.\-]+)", line)
+        if " while(" in line and body:
+          trips[body.group(1)] = trips[name] * trip_count(line)
+  found = collections.defaultdict(lambda: [0, 0])
+  for name, lines in computations.items():
+    for line in lines:
+      for kind in COLLECTIVES:
+        op = re.search(rf"= (.*?) {kind}(-start)?\(", line)
+        if op:
+          found[kind][0] += trips[name]
+          found[kind][1] += trips[name] * shape_bytes(op.group(1))
+  return {kind: tuple(value) for kind, value in found.items()}
+
+
+def compile_step(config, topology_name: str, chip_config_name: str | None = None) -> dict:
+  """AOT-compiles config's train step for a TPU topology: {devices, mesh, hbm_gib, peak_tflops, compile_s, memory
+  (CompiledMemoryStats), state_bytes, collectives, used_bytes, fits}."""
+  kwargs = {"chip_config_name": chip_config_name} if chip_config_name else {}
+  devices = topologies.get_topology_desc(topology_name=topology_name, platform="tpu", **kwargs).devices
+  hbm_gib, peak_tflops = chip(topology_name)
+  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape, devices)
+  tx = make_optimizer(config)
+  abstract = abstract_state(config, tx)
+  state_sharding = sharding.state_sharding(abstract, mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+  start = time.time()
+  compiled = jit_train_step(config, mesh, state_sharding).lower(
+      state, abstract_batch(config, sharding.batch_sharding(mesh))).compile()
+  compile_s = time.time() - start
+  memory = compiled.memory_analysis()
+  used = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + \
+      memory.temp_size_in_bytes + memory.generated_code_size_in_bytes
+  return {"devices": devices, "mesh": dict(mesh.shape), "hbm_gib": hbm_gib, "peak_tflops": peak_tflops,
+          "compile_s": compile_s, "memory": memory,
+          "state_bytes": sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract)),
+          "collectives": collectives(compiled.as_text()), "used_bytes": used, "fits": used <= hbm_gib * GIB}
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  r = compile_step(config, _TOPOLOGY.value, _CHIP_CONFIG.value)
+  chips, memory = len(r["devices"]), r["memory"]
+  print(f"topology {_TOPOLOGY.value}: {chips} chips of {r['hbm_gib']} GiB HBM; mesh {r['mesh']}; global batch "
+        f"{config.train.batch_size}; compiled in {r['compile_s']:.1f} s")
+  print(f"per chip: arguments {size(memory.argument_size_in_bytes)} (the whole state is {size(r['state_bytes'])}, / "
+        f"{chips} chips = {size(r['state_bytes'] / chips)}), outputs {size(memory.output_size_in_bytes)} "
+        f"(aliased {size(memory.alias_size_in_bytes)}), temporaries {size(memory.temp_size_in_bytes)}, code "
+        f"{size(memory.generated_code_size_in_bytes)}")
+  for kind, (count, nbytes) in sorted(r["collectives"].items()):
+    print(f"collective {kind}: {count} per step, {size(nbytes)} per chip per step (result shapes)")
+  flops, peak = analytic_flops(config)["total"] / chips, r["peak_tflops"] * 1e12
+  mfu = f", MFU {flops / _STEP_TIME.value / peak:.1%} at {_STEP_TIME.value} s/step" if _STEP_TIME.value else ""
+  print(f"analytic FLOPs per chip per step: {flops / 1e12:.3f} TFLOP ({flops / peak * 1e3:.1f} ms at the chip's "
+        f"{r['peak_tflops']:.0f} TFLOP/s bf16 peak){mfu}")
+  print(f"SUMMARY topology={_TOPOLOGY.value} chips={chips} hbm_gib={r['hbm_gib']:.2f} "
+        f"argument_gib={memory.argument_size_in_bytes / GIB:.3f} temp_gib={memory.temp_size_in_bytes / GIB:.3f} "
+        f"used_gib={r['used_bytes'] / GIB:.3f} compile_s={r['compile_s']:.0f} fits={'yes' if r['fits'] else 'no'}",
+        flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,54 @@
+"""The TPU compile report (benchmarks/tpu_compile.py): its HLO collective count against a hand-written module, and
+the tiny config's train step AOT-compiled for a v5p slice (4 chips) on a data and an FSDP mesh (needs libtpu, the
+test extra's; skipped without it)."""
+import importlib.util
+
+import pytest
+
+from benchmarks import tpu_compile
+from configs import tiny
+
+HLO = """HloModule m
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %g = f32[4,8]{1,0} all-gather(f32[1,8]{1,0} %x), dimensions={0}
+  %r = f32[8]{0} all-reduce(f32[8]{0} %y), to_apply=%add
+}
+
+%scan_cond (q: (s32[], f32[8])) -> pred[] {
+  %c = s32[]{:T(128)} constant(5)
+  ROOT %lt = pred[] compare(s32[] %i, s32[]{:T(128)} %c), direction=LT
+}
+
+%scan_body (q: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %x = f32[2,8]{1,0} all-to-all(f32[2,8]{1,0} %y), dimensions={0}
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %s = bf16[2,8]{1,0} all-reduce-start(bf16[2,8]{1,0} %a), to_apply=%add
+  %w = (s32[], f32[8]) while((s32[], f32[8]) %t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %v = (s32[], f32[8]) while((s32[], f32[8]) %t), condition=%scan_cond, body=%scan_body
+}
+"""
+
+
+def test_collectives_are_counted_per_loop_trip_with_their_bytes():
+  """The known trip count (3), else the scan's bound in its condition (5); bytes of the result shapes."""
+  assert tpu_compile.collectives(HLO) == {"all-gather": (3, 3 * 4 * 8 * 4), "all-reduce": (4, 3 * 8 * 4 + 2 * 8 * 2),
+                                          "all-to-all": (5, 5 * 2 * 8 * 4)}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the tpu-compile / test extra) is not "
+                    "installed")
+@pytest.mark.parametrize("mesh_shape", [(4, 1), (1, 4)])
+def test_the_tiny_train_step_compiles_for_a_v5p_slice(mesh_shape):
+  config = tiny.get_config("reg=both")
+  config.mesh.shape = mesh_shape
+  report = tpu_compile.compile_step(config, "v5p:2x2x1")
+  assert len(report["devices"]) == 4 and report["mesh"] == {"data": mesh_shape[0], "fsdp": mesh_shape[1]}
+  assert report["fits"] and 0 < report["used_bytes"] < 1e9
+  assert report["collectives"]["all-reduce"][0] >= 1  # the gradients' mean over the data-parallel devices
+  if mesh_shape[1] > 1:
+    assert report["collectives"]["all-gather"][0] >= 1  # FSDP gathers the sharded weights
