@@ -7,6 +7,7 @@ from flax import nnx
 
 from repa_jax.models.layers import (Attention, Mlp, RMSNorm, SwiGLU, TimestepEmbedder, layer_norm, linear, modulate,
                                     normal_002, patchify, rope_2d_angles, sincos_pos_embed_2d, unpatchify, zeros)
+from repa_jax.specs import sharding
 from repa_jax.specs.model import SiTSpec
 
 # specs.model.REMAT name -> the jax.checkpoint policy of a block (None: no rematerialisation).
@@ -71,7 +72,7 @@ class SiT(nnx.Module):
     graphdef, params = nnx.split(self.blocks)
     segment = jax.tree.map(lambda p: p[start:stop], params)
     angles = rope_2d_angles(self.spec.width // self.spec.num_heads, *self.spec.grid) if self.spec.rope else None
-    block = lambda h, p: nnx.merge(graphdef, p)(h, c, angles)
+    block = lambda h, p: sharding.constrain_batch(nnx.merge(graphdef, p)(h, c, angles))
     if (policy := REMAT_POLICIES[self.remat]) is not None:
       block = jax.checkpoint(block, policy=policy)
     return jax.lax.scan(lambda h, p: (block(h, p), None), hidden, segment)[0]
@@ -85,7 +86,8 @@ class SiT(nnx.Module):
     tokens = patchify(x, p)
     position = sincos_pos_embed_2d(self.spec.width, gh, gw).astype(self.dtype)
     hidden = self.patch_embed(tokens.astype(self.dtype)) + position
-    return hidden, (self.t_embed(t) + self.y_embed(y)).astype(self.dtype)
+    c = (self.t_embed(t) + self.y_embed(y)).astype(self.dtype)
+    return sharding.constrain_batch(hidden), sharding.constrain_batch(c)
 
   def run_to(self, hidden: jax.Array, c: jax.Array,
              blocks: Sequence[int]) -> tuple[dict[int, jax.Array], jax.Array, int]:
