@@ -1,6 +1,6 @@
 """The one mesh convention of the project, axes ('data', 'fsdp'), and where arrays lie on it: FSDP shardings for the
-state, the batch split over every axis, replicated weights. Train, sample, precompute and evaluate all build their mesh
-here."""
+state, the batch split over every axis (also the activations inside the train step), replicated weights. Train,
+sample, precompute and evaluate all build their mesh here."""
 import math
 from collections.abc import Sequence
 

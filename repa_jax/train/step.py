@@ -126,12 +126,13 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
 
 
 def jit_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, state_sharding):
-  """`make_train_step` under jax.jit: explicit shardings in and out (batch over all mesh axes), state donated."""
+  """`make_train_step` under jax.jit: explicit shardings in and out (batch over all mesh axes), state donated; traced
+  with the mesh current, so the SiT's activations stay batch-sharded (`sharding.constrain_batch`)."""
   batch_sharding = sharding.batch_sharding(mesh)
   inner = make_train_step(config, model_graphdef(model_spec(config)))
 
   def step(state, batch):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the mesh sharding.constrain_batch pins activations to
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return inner(state, batch)
 
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
