@@ -23,6 +23,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: seve
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
+from absl.flags import FLAGS  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -42,11 +43,6 @@ CHIPS = {"v4": (32.0, 275.0), "v5e": (16.0, 197.0), "v5litepod": (16.0, 197.0), 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
                "s64": 8, "u64": 8, "f64": 8}
-
-_TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x2 (v5p-64), v6e:8x8, v4:2x2x4.")
-_CHIP_CONFIG = flags.DEFINE_string("chip_config_name", None, "libtpu chip config, e.g. 'megacore' for v4.")
-_STEP_TIME = flags.DEFINE_float("step_time_s", None, "A measured step time on that slice, for the MFU it means.")
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config.")
 
 
 def size(nbytes: float) -> str:
@@ -148,10 +144,10 @@ def compile_step(config, topology_name: str, chip_config_name: str | None = None
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  r = compile_step(config, _TOPOLOGY.value, _CHIP_CONFIG.value)
+  config, topology, step_time = FLAGS.config, FLAGS.topology, FLAGS.step_time_s
+  r = compile_step(config, topology, FLAGS.chip_config_name)
   chips, memory = len(r["devices"]), r["memory"]
-  print(f"topology {_TOPOLOGY.value}: {chips} chips of {r['hbm_gib']} GiB HBM; mesh {r['mesh']}; global batch "
+  print(f"topology {topology}: {chips} chips of {r['hbm_gib']} GiB HBM; mesh {r['mesh']}; global batch "
         f"{config.train.batch_size}; compiled in {r['compile_s']:.1f} s")
   print(f"per chip: arguments {size(memory.argument_size_in_bytes)} (the whole state is {size(r['state_bytes'])}, / "
         f"{chips} chips = {size(r['state_bytes'] / chips)}), outputs {size(memory.output_size_in_bytes)} "
@@ -160,14 +156,18 @@ def main(argv):
   for kind, (count, nbytes) in sorted(r["collectives"].items()):
     print(f"collective {kind}: {count} per step, {size(nbytes)} per chip per step (result shapes)")
   flops, peak = analytic_flops(config)["total"] / chips, r["peak_tflops"] * 1e12
-  mfu = f", MFU {flops / _STEP_TIME.value / peak:.1%} at {_STEP_TIME.value} s/step" if _STEP_TIME.value else ""
+  mfu = f", MFU {flops / step_time / peak:.1%} at {step_time} s/step" if step_time else ""
   print(f"analytic FLOPs per chip per step: {flops / 1e12:.3f} TFLOP ({flops / peak * 1e3:.1f} ms at the chip's "
         f"{r['peak_tflops']:.0f} TFLOP/s bf16 peak){mfu}")
-  print(f"SUMMARY topology={_TOPOLOGY.value} chips={chips} hbm_gib={r['hbm_gib']:.2f} "
+  print(f"SUMMARY topology={topology} chips={chips} hbm_gib={r['hbm_gib']:.2f} "
         f"argument_gib={memory.argument_size_in_bytes / GIB:.3f} temp_gib={memory.temp_size_in_bytes / GIB:.3f} "
         f"used_gib={r['used_bytes'] / GIB:.3f} compile_s={r['compile_s']:.0f} fits={'yes' if r['fits'] else 'no'}",
         flush=True)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the flags only for the script, so that tests import the functions beside repa_jax.main's
+  flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x2 (v5p-64), v6e:8x8, v4:2x2x4.")
+  flags.DEFINE_string("chip_config_name", None, "libtpu chip config, e.g. 'megacore' for v4.")
+  flags.DEFINE_float("step_time_s", None, "A measured step time on that slice, for the MFU it means.")
+  config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config.")
   app.run(main)
