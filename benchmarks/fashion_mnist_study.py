@@ -3,14 +3,19 @@
   pip install -e ".[study]"   # matplotlib, scipy
   python benchmarks/fashion_mnist_study.py --workdir=workdir/study --disperse_grid   # 1. tune λ, τ (one seed)
   python benchmarks/fashion_mnist_study.py --workdir=workdir/study                   # 2. the arms over --seeds
+  python benchmarks/fashion_mnist_study.py --workdir=workdir/study --arms=none,repa  # or some arms first
 
-Each run trains configs/fashion_mnist.py:reg=<arm> with --seeds' seed (init, data order, noise) for --steps and
-evaluates its EMA model every --eval_every steps (in-training evaluation: --eval_samples class-balanced samples with
-EVAL_SAMPLER, scored by the project's CNN classifier against the test split, beside the real-data floor of
-as many real train images). The Dispersive Loss is first tuned for this scale (--disperse_grid: λ x τ of GRID on seed
-0 for --grid_steps steps, scored once at the end); the arms 'disperse' and 'both' then use the grid's best. Results:
-<workdir>/study.md (mean +- std per arm and step, Welch's t-test of each arm against none, steps to reach the FD that
-none reaches at the end, wall time per step) and <workdir>/study.png. Runs resume and finished runs are kept
+Each run trains configs/fashion_mnist.py:reg=<arm> with --seeds' seed (init, data order, noise) for --steps (the
+budget: the main job's 1400) and evaluates its EMA model every --eval_every steps (in-training evaluation:
+--eval_samples class-balanced samples with EVAL_SAMPLER, scored by the project's CNN classifier against the test
+split, beside the real-data floor of as many real train images); the --long_seed's run of each arm continues to
+--long_factor x the budget (the learning rate is constant after the warm-up, so its first budget is the budget's
+run). At the budget's checkpoint each run's aligned block is probed (repa_jax.evaluate.representation: linear probe,
+CKNNA and mutual k-NN to the target encoder). The Dispersive Loss is first tuned for this scale (--disperse_grid:
+λ x τ of GRID on seed 0 for --grid_steps steps, scored once at the end); the arms 'disperse' and 'both' then use the
+grid's best. Results: <workdir>/study.md (mean +- std per arm and step, Welch's t-tests of each arm against none,
+steps to reach the FD that none reaches at the budget, wall time per step, the representation table, the long runs
+with the steps each needs to reach the best arm's FD) and <workdir>/study.png. Runs resume and finished runs are kept
 (<workdir>/<run>/result.json). The feature dataset and the classifier must exist (`make run` builds both).
 """
 import json
