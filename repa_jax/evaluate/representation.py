@@ -52,15 +52,18 @@ def hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:
   return float(value / (m * (m - 3)))
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+def cosine_kernel(x: np.ndarray) -> np.ndarray:
+  """[N, D] -> [N, N] cosine similarities (rows L2-normalised, float64)."""
+  x = np.asarray(x, np.float64)
+  x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  return x @ x.T
 
 
 def cknna(a: np.ndarray, b: np.ndarray, k: int = KNN) -> float:
   """CKNNA of features a [N, Da] and b [N, Db] of the same N inputs (L2-normalised here), in [-1, 1]."""
   if k < 2:
     raise ValueError(f"CKNNA needs k >= 2 nearest neighbours, got {k}")
-  ka, kb = (x @ x.T for x in map(l2_normalize, (np.asarray(a, np.float64), np.asarray(b, np.float64))))
+  ka, kb = cosine_kernel(a), cosine_kernel(b)
   mask_a, mask_b = knn_mask(ka, k), knn_mask(kb, k)
   both = mask_a * mask_b
   ab = hsic_unbiased(both * ka, both * kb)
@@ -69,7 +72,7 @@ def cknna(a: np.ndarray, b: np.ndarray, k: int = KNN) -> float:
 
 def mutual_knn(a: np.ndarray, b: np.ndarray, k: int = KNN) -> float:
   """The mean fraction of each input's k nearest neighbours (cosine) shared by features a [N, Da] and b [N, Db]."""
-  ka, kb = (x @ x.T for x in map(l2_normalize, (np.asarray(a, np.float64), np.asarray(b, np.float64))))
+  ka, kb = cosine_kernel(a), cosine_kernel(b)
   return float(np.mean(np.sum(knn_mask(ka, k) * knn_mask(kb, k), axis=1) / k))
 
 

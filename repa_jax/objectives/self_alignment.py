@@ -14,6 +14,8 @@ model's raw block-`teacher` output on the same data and noise at a less noisy ti
 import jax
 import jax.numpy as jnp
 
+from repa_jax.objectives.alignment import token_cosine
+
 SRA_OBJECTIVES = ("smooth_l1", "cosine")
 
 
@@ -35,8 +37,7 @@ def self_alignment_loss(student: jax.Array, teacher: jax.Array, objective: str =
   if objective == "smooth_l1":
     return jnp.mean(smooth_l1(student - teacher, beta))
   if objective == "cosine":
-    unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
-    return jnp.mean(1.0 - jnp.sum(unit(student) * unit(teacher), axis=-1))
+    return jnp.mean(1.0 - token_cosine(student, teacher))
   raise ValueError(f"config.sra.objective={objective!r}: use one of {SRA_OBJECTIVES}")
 
 
