@@ -9,7 +9,6 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh
 from PIL import Image
-from safetensors.numpy import save_file
 
 from configs import tiny
 from repa_jax.convert.dinov2 import load_pretrained
@@ -23,6 +22,9 @@ from repa_jax.models.network import as_network
 from repa_jax.models.repa_sit import build_model
 from repa_jax.specs.model import model_spec
 from repa_jax.sample import generate
+
+# The weights files these tests write are .safetensors (the parity extra, which `make test` installs).
+save_file = pytest.importorskip("safetensors.numpy", reason="safetensors (the parity extra) is not installed").save_file
 
 VAE8 = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4)  # f = 8
 DINO = dict(width=16, depth=1, num_heads=2)
