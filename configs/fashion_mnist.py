@@ -1,6 +1,6 @@
 """Fashion-MNIST (the embedded default), sized for a 2-core CPU: `configs/fashion_mnist.py:reg=repa`.
 
-reg: none | repa | disperse | both | irepa | irepa+disperse | sra (repa_jax.config.REGULARIZERS). Pixel space
+reg: none | repa | disperse | both | irepa | irepa+disperse | sra | reg (repa_jax.config.REGULARIZERS). Pixel space
 (identity autoencoder), 28x28x1, SiT patch 4 -> 7x7 = 49 tokens, depth 6, width 128, 2 heads. REPA aligns block 2 to
 the project's own small ViT encoder ('fmnist_vit', trained on the train split and cached under
 config.precompute.encoder_dir); the dispersive term reads block depth // 4 = 1; SRA aligns block 2 (through its head)
@@ -29,6 +29,8 @@ def get_config(arg=None):
   c.disperse.update(group_size=16)
   c.sra.update(student_block=2, teacher_block=4, steps_per_epoch=60_000 // 32)  # SRA's 8 / 20 of 28 blocks, scaled
   select_regularizers(c, args["reg"])
+  if c.reg.weight:
+    c.data.directory += "_cls"
   c.train.update(batch_size=32, steps=1400, lr=4e-3, warmup_steps=100, optimizer="muon", muon_lr_scale=2.0,
                  ema_decay=0.999, ema_warmup=True, log_every=100, checkpoint_every=700)
   # The main job's sampler (REPA's kind: SDE, guidance on t <= 0.7), also for in-training evaluation.

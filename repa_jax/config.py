@@ -37,6 +37,11 @@ def base_config() -> ml_collections.ConfigDict:
   # epochs of steps_per_epoch steps after decay_start_epoch (decay_epochs None: constant). Blocks are SRA's for XL/2.
   c.sra = dict(weight=0.2, student_block=8, teacher_block=20, max_time_gap=0.2, objective="smooth_l1", beta=0.05,
                steps_per_epoch=5005, decay_start_epoch=149, decay_epochs=1000, stop_step=placeholder(int))
+  # REG (Martinser/REG): the class token of the first aligned encoder, noised on the latents' path, joins the SiT's
+  # tokens; its velocity error is added with `weight` (REG's --cls 0.03; 0 switches it off, see
+  # `select_regularizers`), and REPA's target becomes [class token; patch tokens]. Needs REPA and a feature dataset
+  # precomputed with REG on (it stores the class tokens).
+  c.reg = dict(weight=0.03)
   # keep_every: also keep every keep_every-th checkpoint for good (None: only the newest keep_checkpoints).
   # restore_step: resume from this checkpoint (None: the newest readable one).
   # ema_warmup: decay min(ema_decay, (1 + step) / (10 + step)) instead of a constant ema_decay (REPA: constant).
@@ -100,13 +105,14 @@ def choose(name: str, value: str, options: dict):
 IREPA = {"projector": "conv", "projector_kernel": 3, "target_norm": "zscore", "zscore_gamma": 0.6, "weight": 1.0}
 REGULARIZERS = {"none": ((), {}), "repa": (("align",), {}), "disperse": (("disperse",), {}),
                 "both": (("align", "disperse"), {}), "irepa": (("align",), {"align": IREPA}),
-                "irepa+disperse": (("align", "disperse"), {"align": IREPA}), "sra": (("sra",), {})}
+                "irepa+disperse": (("align", "disperse"), {"align": IREPA}), "sra": (("sra",), {}),
+                "reg": (("align", "reg"), {})}
 
 
 def select_regularizers(c: ml_collections.ConfigDict, reg: str) -> None:
   """Keep the regularisers of preset `reg` (a REGULARIZERS key), set its fields, and switch the others off: without
-  alignment the model has no projectors (align.encoders = ()), without the dispersive term or SRA their weight is 0
-  (SRA's: no head)."""
+  alignment the model has no projectors (align.encoders = ()), without the dispersive term, SRA or REG their weight is
+  0 (SRA's: no head; REG's: no class token)."""
   kept, fields = choose("reg", reg, REGULARIZERS)
   for section, values in fields.items():
     c[section].update(values)
@@ -116,3 +122,5 @@ def select_regularizers(c: ml_collections.ConfigDict, reg: str) -> None:
     c.disperse.weight = 0.0
   if "sra" not in kept:
     c.sra.weight = 0.0
+  if "reg" not in kept:
+    c.reg.weight = 0.0

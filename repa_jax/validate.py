@@ -65,6 +65,7 @@ RULES: dict[str, Rule] = {
     "sra.max_time_gap": PROBABILITY, "sra.objective": one_of(SRA_OBJECTIVES), "sra.beta": number(0, 100, low_open=True),
     "sra.steps_per_epoch": POSITIVE, "sra.decay_start_epoch": COUNT,
     "sra.decay_epochs": number(1, integer=True, optional=True), "sra.stop_step": number(0, integer=True, optional=True),
+    "reg.weight": number(0, 100),
     "train.batch_size": POSITIVE,
     "train.steps": lambda value: POSITIVE(value) and f"{POSITIVE(value)} (0 steps: there is nothing to train)",
     "train.lr": number(0, 1, low_open=True),
@@ -110,5 +111,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   student, teacher = config.sra.student_block, config.sra.teacher_block
   if config.sra.weight and POSITIVE(student) is None and POSITIVE(teacher) is None and student >= teacher:
     problems.append(f"config.sra.student_block={student} >= teacher_block={teacher}: SRA's teacher is a later block")
+  if config.reg.weight and not (config.align.weight and config.align.encoders):
+    problems.append(f"config.reg.weight={config.reg.weight} needs REPA (config.align.weight and encoders): REG's class "
+                    "token comes from the aligned encoder and joins its target; use the preset reg=reg")
+  if config.reg.weight and config.align.projector == "conv":
+    problems.append("config.reg.weight with config.align.projector='conv': the convolution reads the token grid, "
+                    "which REG's class token is not on; use the 'mlp' projector")
   if problems:
     raise ValueError("invalid config, nothing was run:\n  " + "\n  ".join(problems))

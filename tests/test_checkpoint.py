@@ -62,6 +62,7 @@ def test_resume_on_another_mesh_shape_continues_the_run(tmp_path):
     ("data.latent_shape", lambda c: c.data.update(latent_shape=(16, 16, 4))),
     ("train.optimizer", lambda c: c.train.update(optimizer="muon")),  # another optimizer state tree
     ("sra.head", lambda c: c.sra.update(weight=0.2)),  # SRA's head joins the parameters
+    ("reg.class_token", lambda c: c.reg.update(weight=0.03)),  # REG: the class token's layers join the SiT
 ])
 def test_a_checkpoint_of_another_architecture_is_refused_naming_the_field(tmp_path, field, change):
   config = tiny.get_config("reg=both")

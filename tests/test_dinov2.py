@@ -74,11 +74,12 @@ def official_layout(hf: dict[str, np.ndarray], depth: int) -> dict[str, np.ndarr
   return out
 
 
-def hf_patch_tokens(model, images: np.ndarray, registers: int) -> np.ndarray:
+def hf_tokens(model, images: np.ndarray, registers: int) -> dict[str, np.ndarray]:
+  """Hugging Face's normed tokens as DinoV2 returns them: patch tokens, and the class token (x_norm_clstoken)."""
   torch = pytest.importorskip("torch")
   with torch.no_grad():
-    out = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))).last_hidden_state
-  return out[:, 1 + registers:].numpy()
+    out = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))).last_hidden_state.numpy()
+  return {"patch_tokens": out[:, 1 + registers:], "class_token": out[:, 0]}
 
 
 @pytest.mark.parametrize("spec", [TINY, dataclasses.replace(TINY, ffn="swiglu"),
@@ -89,18 +90,18 @@ def test_matches_hugging_face_in_both_layouts(spec, tmp_path):
   torch_model = hf_model(spec)
   hf = hub_layout(torch_model, tmp_path)
   images = np.random.default_rng(0).normal(size=(2, 42, 42, 3)).astype(np.float32)
-  expected = hf_patch_tokens(torch_model, images, spec.num_registers)
+  expected = hf_tokens(torch_model, images, spec.num_registers)
   for params in (convert.from_hf(hf, spec), convert.from_official(official_layout(hf, spec.depth), spec)):
     tokens = forward(convert.load(abstract_model(spec), params), jnp.asarray(images))
-    chex.assert_shape(tokens, (2, 9, spec.width))
-    np.testing.assert_allclose(tokens, expected, rtol=1e-5, atol=1e-5)
+    chex.assert_shape((tokens["patch_tokens"], tokens["class_token"]), ((2, 9, spec.width), (2, spec.width)))
+    chex.assert_trees_all_close(tokens, expected, rtol=1e-5, atol=1e-5)
   if spec.num_registers:
     # HF's register model resamples to a size with antialias, as the official '_reg' models and REPA (timm) do.
     small = images[:, :28, :28]
-    expected = hf_patch_tokens(torch_model, small, spec.num_registers)
+    expected = hf_tokens(torch_model, small, spec.num_registers)
     for pos_resample in dinov2.POS_RESAMPLES:
       model = convert.load(abstract_model(spec, pos_resample=pos_resample), convert.from_hf(hf, spec))
-      np.testing.assert_allclose(forward(model, jnp.asarray(small)), expected, rtol=1e-5, atol=1e-5)
+      chex.assert_trees_all_close(forward(model, jnp.asarray(small)), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_position_embedding_resampling_matches_torch():
@@ -139,8 +140,8 @@ def test_preprocess_matches_repa_torch():
 def test_encode_gives_the_repa_token_grid_and_specs_have_official_shapes():
   images = jnp.zeros((1, 256, 256, 3), jnp.uint8)
   tokens = nnx.eval_shape(lambda: dinov2.encode(dinov2.DinoV2(TINY, nnx.Rngs(0)), images))
-  chex.assert_shape(tokens, (1, 256, 32))
-  assert tokens.dtype == jnp.float32
+  chex.assert_shape((tokens["patch_tokens"], tokens["class_token"]), ((1, 256, 32), (1, 32)))
+  assert tokens["patch_tokens"].dtype == tokens["class_token"].dtype == jnp.float32
   assert dinov2.SPECS["dinov2_vitg14"].ffn_hidden == 4096  # official w12: [8192, 1536]
   assert dinov2.SPECS["dinov2_vitb14_reg"].num_registers == 4 and dinov2.SPECS["dinov2_vitb14"].pos_grid == 37
   with pytest.raises(ValueError, match="uint8"):

@@ -38,6 +38,8 @@ def make_records(spec: features.FeatureSpec, ids) -> list[dict]:
       record["ae_std"] = rng.uniform(0.01, 1, size=spec.latent_shape).astype(np.float32)
     for name, tokens, width in spec.encoders:
       record[f"feat_{name}"] = rng.normal(size=(tokens, width)).astype(np.float32) * 3
+      if spec.class_tokens:
+        record[f"cls_{name}"] = rng.normal(size=width).astype(np.float32)
     records.append(record)
   return records
 
@@ -66,10 +68,11 @@ def assert_bit_exact(source, spec, num_examples):
   assert sorted(seen) == list(range(num_examples))
 
 
-@pytest.mark.parametrize("autoencoder, quantize", [("sd-vae-ft-mse", "float16"), ("sd-vae-ft-mse", "int8"),
-                                                   ("identity", "float16")])
-def test_round_trip_is_bit_exact(tmp_path, autoencoder, quantize):
-  spec = make_spec(autoencoder=autoencoder, quantize=quantize)
+@pytest.mark.parametrize("autoencoder, quantize, class_tokens", [
+    ("sd-vae-ft-mse", "float16", False), ("sd-vae-ft-mse", "int8", False), ("identity", "float16", False),
+    ("sd-vae-ft-mse", "int8", True)])
+def test_round_trip_is_bit_exact(tmp_path, autoencoder, quantize, class_tokens):
+  spec = make_spec(autoencoder=autoencoder, quantize=quantize, class_tokens=class_tokens)
   directory = tmp_path / "tiny_features" / "1.0.0"
   write_all(directory, spec, "train", num_examples=5, num_shards=1)
   feature_writer.finalize(directory, "train", num_examples=5)
@@ -149,6 +152,7 @@ def test_int8_quantisation_error_is_at_most_half_a_step():
     (make_requirement(autoencoder="identity"), "autoencoder: dataset has 'sd-vae-ft-mse', config expects 'identity'"),
     (make_requirement(latent_shape=(8, 8, 2)),
      r"latent_shape: dataset has \(4, 4, 2\), config expects \(8, 8, 2\)"),
+    (make_requirement(class_tokens=True), "no class tokens .*REG"),
 ])
 def test_check_spec_refuses_a_mismatch(expected, message):
   with pytest.raises(ValueError, match=message) as error:
@@ -163,6 +167,8 @@ def test_check_spec_accepts_a_subset_of_encoders_and_other_quantisation():
 def test_spec_from_metadata_refuses_a_missing_field():
   fields = make_spec().to_dict()
   assert features.FeatureSpec.from_dict(fields) == make_spec()
+  del fields["class_tokens"]  # datasets written before REG: no class tokens
+  assert features.FeatureSpec.from_dict(fields) == make_spec(class_tokens=False)
   del fields["token_grid"]
   with pytest.raises(ValueError, match=r"fields \['token_grid'\] missing"):
     features.FeatureSpec.from_dict(fields)

@@ -122,10 +122,11 @@ def test_precompute_with_sd_vae_and_two_dinov2_equals_direct_calls(tmp_path):
   specs = {name: dataclasses.replace(dinov2.SPECS[name], **DINO) for name in ENCODERS}
   paths = {name: save_dinov2(tmp_path / f"{name}.safetensors", spec) for name, spec in specs.items()}
   config = imagenet_like_config(tmp_path, autoencoder_weights=vae_path, encoder_weights=paths)
+  config.reg.weight = 0.03  # REG on: the encoders' class tokens are stored too
   precompute(config)
 
   records, spec = features.open_features(config.data.directory, "train")
-  assert spec.autoencoder == "sd-vae-ft-mse" and spec.latent_shape == (32, 32, 4)
+  assert spec.autoencoder == "sd-vae-ft-mse" and spec.latent_shape == (32, 32, 4) and spec.class_tokens
   assert [name for name, _, _ in spec.encoders] == list(ENCODERS) and "ADM centre crop to 256 px" in spec.preprocessing
   source = sources.image_folder(tmp_path / "images" / "train", 256)
   images = np.stack([source[i]["image"] for i in range(len(source))])
@@ -137,7 +138,8 @@ def test_precompute_with_sd_vae_and_two_dinov2_equals_direct_calls(tmp_path):
   mean, std = jitted(load_sd_vae(vae_path, sd_vae.VAESpec(**VAE8)), sd_vae.encode_uint8, images)
   direct = {"ae_mean": mean, "ae_std": std}
   for name, spec in specs.items():
-    direct[f"feat_{name}"] = jitted(load_pretrained(paths[name], name, spec), dinov2.encode, images)
+    tokens = jitted(load_pretrained(paths[name], name, spec), dinov2.encode, images)
+    direct[f"feat_{name}"], direct[f"cls_{name}"] = tokens["patch_tokens"], tokens["class_token"]
   for field, value in direct.items():
     got = np.stack([r[field] for r in stored]).astype(np.float32)
     assert got.dtype == np.float32 and stored[0][field].dtype == np.float16

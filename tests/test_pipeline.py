@@ -30,8 +30,8 @@ def write_dataset(directory, config, quantize="float16"):
     ids = feature_writer.shard_range(NUM_EXAMPLES, shard, 2)
     rng = np.random.default_rng(shard)
     records = [{"id": i, "label": i % 10, "ae_mean": rng.normal(size=spec.latent_shape),
-                "ae_std": rng.uniform(0.1, 1, spec.latent_shape), f"feat_{name}": rng.normal(size=(tokens, width))}
-               for i in ids]
+                "ae_std": rng.uniform(0.1, 1, spec.latent_shape), f"feat_{name}": rng.normal(size=(tokens, width)),
+                **({f"cls_{name}": rng.normal(size=width)} if spec.class_tokens else {})} for i in ids]
     feature_writer.write_shard(directory, spec, "train", shard, 2, records)
   feature_writer.finalize(directory, "train", NUM_EXAMPLES)
   return features.open_features(directory, "train")[0]
@@ -109,3 +109,21 @@ def test_a_dataset_of_another_shape_is_refused(dataset):
   config.align.encoders = (("other", 16),)
   with pytest.raises(ValueError, match="no field feat_other"):
     FeatureBatches(config, sharding.batch_sharding(mesh))
+  config.align.encoders = (("toy_encoder", 16),)
+  config.reg.weight = 0.03  # REG reads class tokens, which this dataset does not hold
+  with pytest.raises(ValueError, match="no class tokens"):
+    FeatureBatches(config, sharding.batch_sharding(mesh))
+
+
+def test_reg_batches_carry_the_stored_class_tokens(tmp_path):
+  config = tiny_feature_config(tmp_path / "reg_features")
+  config.reg.weight = 0.03
+  source = write_dataset(tmp_path / "reg_features", config)
+  mesh = sharding.make_mesh(("data", "fsdp"), (1, 1), jax.devices()[:1])
+  batch = next(FeatureBatches(config, sharding.batch_sharding(mesh)))
+  stored = {int(source[i]["id"]): source[i]["cls_toy_encoder"] for i in range(len(source))}
+  chex.assert_shape(batch["class_tokens"]["toy_encoder"], (config.train.batch_size, 16))
+  # Each row is the stored token of some record, with the record's label.
+  for row, label in zip(np.asarray(batch["class_tokens"]["toy_encoder"]), np.asarray(batch["label"])):
+    matches = [i for i, token in stored.items() if np.array_equal(token, row.astype(np.float16))]
+    assert len(matches) == 1 and matches[0] % 10 == label

@@ -31,6 +31,8 @@ def _input_shapes(spec: features.FeatureSpec) -> dict[str, tuple[int, ...]]:
   shapes = {"id": (), "label": ()}
   shapes.update(dict.fromkeys(features.autoencoder_dtypes(spec), spec.latent_shape))
   shapes.update({f"feat_{name}": (tokens, width) for name, tokens, width in spec.encoders})
+  if spec.class_tokens:
+    shapes.update({f"cls_{name}": (width,) for name, _, width in spec.encoders})
   return shapes
 
 
@@ -38,8 +40,9 @@ def encode_record(spec: features.FeatureSpec, record: Mapping) -> dict:
   """One record in the layout of `features.stored_fields(spec)`.
 
   record: 'id' (index in the image source), 'label', then 'ae_mean' and 'ae_std' [H, W, C] (VAE; any float dtype)
-  or 'ae_pixels' uint8 [H, W, C] (identity autoencoder), and per encoder 'feat_<name>' [tokens, width] (any float
-  dtype). Floats are cast to float16, or the features quantised to int8 when spec.quantize is 'int8'.
+  or 'ae_pixels' uint8 [H, W, C] (identity autoencoder), and per encoder 'feat_<name>' [tokens, width] and, with
+  spec.class_tokens, 'cls_<name>' [width] (any float dtype). Floats are cast to float16, or the features (not the
+  class tokens) quantised to int8 when spec.quantize is 'int8'.
   """
   shapes = _input_shapes(spec)
   record_id = record.get("id")
@@ -63,6 +66,8 @@ def encode_record(spec: features.FeatureSpec, record: Mapping) -> dict:
       encoded[f"feat_{name}"], encoded[f"feat_{name}_scale"] = features.quantize_int8(record[f"feat_{name}"])
     else:
       encoded[f"feat_{name}"] = np.asarray(record[f"feat_{name}"]).astype(np.float16)
+    if spec.class_tokens:
+      encoded[f"cls_{name}"] = np.asarray(record[f"cls_{name}"]).astype(np.float16)
   for name, value in encoded.items():
     if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.isfinite(value).all():
       raise ValueError(f"record {record_id}: field {name} is not finite in float16 (NaN, or |x| > 65504).")

@@ -34,6 +34,8 @@ NAME_KEY = "dataset_name"
 FILE_FORMAT = "array_record"
 _DATASET_NAME = re.compile(r"[a-zA-Z]\w*")
 _SHARD_FILE = re.compile(rf"([a-zA-Z]\w*)-\w+\.{FILE_FORMAT}-\d{{5}}-of-\d{{5}}")
+# FeatureSpec fields added after datasets were first written, with the value those datasets have.
+LATER_SPEC_FIELDS = {"class_tokens": False}
 PRECOMPUTE_FIX = ("Fix: point the run at a feature dataset precomputed for this config, or precompute one "
                   "(--mode=precompute).")
 
@@ -53,6 +55,8 @@ class FeatureSpec:
     num_classes: number of class labels.
     preprocessing: how images were prepared for the autoencoder and the encoders (free text).
     source: which images (free text, e.g. 'imagenet2012 train').
+    class_tokens: records also hold each encoder's class token [width] after its final norm ('cls_<name>', float16;
+      REG's input). Datasets written before this field have none.
   """
 
   autoencoder: str
@@ -64,6 +68,7 @@ class FeatureSpec:
   num_classes: int
   preprocessing: str
   source: str
+  class_tokens: bool = False
 
   def __post_init__(self):
     # Sequences (e.g. lists read back from JSON) become tuples, so that specs compare and hash by value.
@@ -89,6 +94,7 @@ class FeatureSpec:
   def from_dict(cls, fields: Mapping) -> "FeatureSpec":
     """The spec of `to_dict`, e.g. read back from a dataset's metadata; refuses missing or unknown fields."""
     names = [field.name for field in dataclasses.fields(cls)]
+    fields = {**LATER_SPEC_FIELDS, **fields}
     missing = [name for name in names if name not in fields]
     unknown = [name for name in fields if name not in names]
     if missing or unknown:
@@ -135,6 +141,8 @@ def stored_fields(spec: FeatureSpec) -> dict[str, tuple[tuple[int, ...], type]]:
       fields[f"feat_{name}_scale"] = ((tokens,), np.float16)
     else:
       fields[f"feat_{name}"] = ((tokens, width), np.float16)
+    if spec.class_tokens:
+      fields[f"cls_{name}"] = ((width,), np.float16)
   return fields
 
 
@@ -239,9 +247,9 @@ def open_features(directory: epath.PathLike, split: str):
 def check_spec(spec: FeatureSpec, requirement: DatasetRequirement) -> None:
   """Refuses a feature dataset (`spec`) that does not hold what a run needs, with a ValueError naming the field.
 
-  Compared: every required encoder (present, tokens, width), then autoencoder, latent_shape, latent_scale,
-  token_grid and num_classes. The dataset may hold more encoders; quantize (the reader dequantises), preprocessing
-  and source (free text) are a dataset's own.
+  Compared: every required encoder (present, tokens, width), the class tokens if required (REG), then autoencoder,
+  latent_shape, latent_scale, token_grid and num_classes. The dataset may hold more encoders, and class tokens a run
+  does not read; quantize (the reader dequantises), preprocessing and source (free text) are a dataset's own.
   """
   stored = {name: (tokens, width) for name, tokens, width in spec.encoders}
   for name, _, _ in requirement.encoders:
@@ -249,6 +257,10 @@ def check_spec(spec: FeatureSpec, requirement: DatasetRequirement) -> None:
       raise ValueError(f"feature dataset has no field feat_{name}: encoder {name!r} is not among its encoders "
                        f"{list(stored)}. {PRECOMPUTE_FIX}")
     check_encoder_features(name, *stored[name], requirement, "feature dataset", PRECOMPUTE_FIX)
+  if requirement.class_tokens and not spec.class_tokens:
+    raise ValueError("feature dataset has no class tokens (fields cls_<encoder>), which REG (config.reg.weight) "
+                     "feeds the SiT: it was precomputed without REG. Fix: precompute this config into a new "
+                     "config.data.directory, or set config.reg.weight=0.")
   for field in ("autoencoder", "latent_shape", "latent_scale", "token_grid", "num_classes"):
     have, want = getattr(spec, field), getattr(requirement, field)
     if have != want:

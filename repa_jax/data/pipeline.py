@@ -19,7 +19,8 @@ from repa_jax.specs.model import aligned_encoders
 def to_train_batch(records: dict, encoders: tuple[str, ...]) -> dict:
   """Stored fields (stacked records) -> the train step's batch; runs on device, so int8 is de-quantised there.
 
-  Pixels (identity autoencoder, uint8) become latent_mean = x / 127.5 - 1; VAE moments and float16 features pass as is.
+  Pixels (identity autoencoder, uint8) become latent_mean = x / 127.5 - 1; VAE moments and float16 features pass as
+  is, and so do the encoders' class tokens ('class_tokens': {name: [B, width]}) where the records hold them (REG).
   """
   if "ae_pixels" in records:
     batch = {"latent_mean": records["ae_pixels"].astype(jnp.float32) / 127.5 - 1}
@@ -29,6 +30,8 @@ def to_train_batch(records: dict, encoders: tuple[str, ...]) -> dict:
   batch["features"] = {
       name: dequantize_int8(records[f"feat_{name}"], records[f"feat_{name}_scale"])
       if f"feat_{name}_scale" in records else records[f"feat_{name}"] for name in encoders}
+  if any(f"cls_{name}" in records for name in encoders):
+    batch["class_tokens"] = {name: records[f"cls_{name}"] for name in encoders}
   return batch
 
 
@@ -49,10 +52,11 @@ class FeatureBatches:
   def __init__(self, config: ml_collections.ConfigDict, sharding: NamedSharding, *, num_threads: int = 4,
                prefetch: int = 8):
     source, spec = open_features(config.data.directory, config.data.split)
-    check_spec(spec, dataset_requirement(config))
+    requirement = dataset_requirement(config)
+    check_spec(spec, requirement)
     self.encoders = tuple(aligned_encoders(config))
     fields = {"label", "ae_pixels", "ae_mean", "ae_std"} | {f"feat_{n}" for n in self.encoders} | {
-        f"feat_{n}_scale" for n in self.encoders}
+        f"feat_{n}_scale" for n in self.encoders} | {f"cls_{n}" for n in self.encoders if requirement.class_tokens}
     local = process_batches(source, seed=config.seed, global_batch=config.train.batch_size,
                             process_index=jax.process_index(), process_count=jax.process_count(), fields=fields)
     self._iterator = iter(local.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,

@@ -62,13 +62,17 @@ def fashion_mnist_splits(config: ml_collections.ConfigDict):
 
 
 def load_encoder(name: str, config: ml_collections.ConfigDict) -> tuple[Network, dict]:
-  """(Network: uint8 images [B, H, W, C] -> features [B, tokens, width], info) of an encoder in config.align.encoders:
-  'fmnist_vit' (project-trained, cached) or a DINOv2 ('dinov2_vit{s,b,l,g}14' or '..._reg'; weights from
+  """(Network: uint8 images [B, H, W, C] -> {'patch_tokens': [B, tokens, width], 'class_token': [B, width]}, info)
+  of an encoder in config.align.encoders: 'fmnist_vit' (project-trained, cached; its class token is the token its
+  head reads, `pooled`) or a DINOv2 ('dinov2_vit{s,b,l,g}14' or '..._reg', x_norm_clstoken; weights from
   config.precompute.encoder_weights[name])."""
   if name == "fmnist_vit":
     encode, info = supervised.load_or_train_encoder(config.precompute.encoder_dir, encoder_config(config), name=name,
                                                     load_split=fashion_mnist_splits(config))
-    return Network(lambda _, images: encode(images)["patch_tokens"], ()), info
+    def tokens(_, images):
+      out = encode(images)
+      return {"patch_tokens": out["patch_tokens"], "class_token": out["pooled"]}
+    return Network(tokens, ()), info
   if name in dinov2.SPECS:
     network, spec = pretrained.dinov2_encoder(config, name)
     return network, {"width": spec.width, "preprocessing": DINOV2_PREPROCESSING}
@@ -89,16 +93,19 @@ def load_autoencoder(config: ml_collections.ConfigDict) -> Network:
                    f"'identity', {', '.join(repr(n) for n in pretrained.SD_VAES)}")
 
 
-def compute_fn(autoencoder: Network, encoders: dict[str, Network], mesh: Mesh):
+def compute_fn(autoencoder: Network, encoders: dict[str, Network], mesh: Mesh, class_tokens: bool = False):
   """(jitted `compute(params, uint8 images [B, H, W, C]) -> stored fields`, its params): the batch split over the
-  devices of `mesh`, the weights replicated."""
+  devices of `mesh`, the weights replicated; the encoders' class tokens too if `class_tokens`."""
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
   def compute(params, images):
     autoencoder_params, encoder_params = params
     out = autoencoder.apply(autoencoder_params, images)
-    out.update({f"feat_{name}": net.apply(encoder_params[name], images).astype(jnp.float32)
-                for name, net in encoders.items()})
+    for name, net in encoders.items():
+      tokens = net.apply(encoder_params[name], images)
+      out[f"feat_{name}"] = tokens["patch_tokens"].astype(jnp.float32)
+      if class_tokens:
+        out[f"cls_{name}"] = tokens["class_token"].astype(jnp.float32)
     return out
 
   params = jax.device_put((autoencoder.params, {name: net.params for name, net in encoders.items()}), replicated)
@@ -153,7 +160,8 @@ def precompute(config: ml_collections.ConfigDict) -> None:
       preprocessing="; ".join(crop + [f"autoencoder {config.data.autoencoder}"] +
                               [f"{n}: {info['preprocessing']}" for n, info in infos.items()]))
   local_devices = jax.local_devices()
-  compute, params = compute_fn(load_autoencoder(config), encoders, sharding.data_mesh(local_devices))
+  compute, params = compute_fn(load_autoencoder(config), encoders, sharding.data_mesh(local_devices),
+                               spec.class_tokens)
   for split in p.splits:
     source = image_source(config, split)
     if None not in source.image_shape:

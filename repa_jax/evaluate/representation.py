@@ -128,6 +128,9 @@ def representation_metrics(config: ml_collections.ConfigDict, sit_params, num_tr
   """{probe_t<t>, probe_pixels_t<t>, cknna_t<t>, mutual_knn_t<t>} for t in PROBE_TIMES, and probe_encoder: the probe of
   the target encoder's mean-pooled clean features (the dataset's first encoder by name, whether or not the run
   aligns to it)."""
+  if config.reg.weight:
+    raise ValueError("representation metrics of a REG model (config.reg.weight) are not computed: its input holds the "
+                     "encoder's (noised) class token, so a probe of its blocks would read the encoder's")
   train, test = load_split(config, "train", num_train), load_split(config, config.evaluate.split, num_test)
   if not train["features"]:
     raise ValueError(f"feature dataset {config.data.directory} stores no encoder features, so there is no target to "

@@ -164,8 +164,9 @@ def resample_abs_pos_embed(pos_embed: jax.Array, grid: tuple[int, int]) -> jax.A
 
 
 class DinoV2(nnx.Module):
-  """Normalised images float [B, H, W, 3] (H, W multiples of 14) -> patch tokens after the final LayerNorm,
-  [B, (H / 14) * (W / 14), width] float32 (CLS and registers dropped)."""
+  """Normalised images float [B, H, W, 3] (H, W multiples of 14) -> the tokens after the final LayerNorm, float32:
+  {'patch_tokens': [B, (H / 14) * (W / 14), width], 'class_token': [B, width]} (DINOv2's x_norm_patchtokens and
+  x_norm_clstoken; registers dropped)."""
 
   def __init__(self, spec: DinoV2Spec, rngs: nnx.Rngs, *, pos_resample: str = "repa", dtype=jnp.float32):
     if pos_resample not in POS_RESAMPLES:
@@ -193,7 +194,7 @@ class DinoV2(nnx.Module):
     return interpolate_pos_encoding(self.pos_embed[...], grid, offset=self.spec.interpolate_offset,
                                     antialias=self.spec.interpolate_antialias)
 
-  def __call__(self, images: jax.Array) -> jax.Array:
+  def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
     b, h, w, c = images.shape
     p = self.spec.patch
     if c != 3 or h % p or w % p:
@@ -206,7 +207,8 @@ class DinoV2(nnx.Module):
       x = jnp.concatenate([x[:, :1], registers, x[:, 1:]], axis=1)
     for block in self.blocks:
       x = block(x)
-    return self.norm(x).astype(jnp.float32)[:, 1 + self.spec.num_registers:]
+    x = self.norm(x).astype(jnp.float32)
+    return {"patch_tokens": x[:, 1 + self.spec.num_registers:], "class_token": x[:, 0]}
 
 
 def preprocess(images: jax.Array, resolution: int) -> jax.Array:
@@ -222,7 +224,7 @@ def preprocess(images: jax.Array, resolution: int) -> jax.Array:
   return resize_bicubic(x, (size, size))
 
 
-def encode(model: DinoV2, images: jax.Array) -> jax.Array:
-  """REPA's DINOv2 features: uint8 [B, res, res, 3] -> patch tokens float32 [B, (224 k / 14)^2, width], k = res // 256
-  (256 x width at 256 px, 1024 x width at 512 px)."""
+def encode(model: DinoV2, images: jax.Array) -> dict[str, jax.Array]:
+  """REPA's DINOv2 features: uint8 [B, res, res, 3] -> {'patch_tokens': float32 [B, (224 k / 14)^2, width],
+  'class_token': [B, width]}, k = res // 256 (256 x width tokens at 256 px, 1024 x width at 512 px)."""
   return model(preprocess(images, images.shape[2]))

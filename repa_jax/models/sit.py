@@ -1,8 +1,16 @@
-"""SiT: the flow-matching diffusion transformer (adaLN-Zero DiT blocks on patch tokens)."""
+"""SiT: the flow-matching diffusion transformer (adaLN-Zero DiT blocks on patch tokens).
+
+The state it denoises is an image (latent) x [B, H, W, C], or with REG's class token (SiTSpec.class_token_dim > 0) the
+pair (x, class token [B, E]); its velocity has the state's structure. REG (Martinser/REG models/sit.py:222-223,
+292-297, 153-163): the noised class token, projected to the width and LayerNorm-ed, is token 0 (position embedding
+zero, no rotary rotation); the final norm and modulation act on it too, and a zero-initialised linear layer reads its
+velocity from it.
+"""
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from repa_jax.models.layers import (Attention, Mlp, RMSNorm, SwiGLU, TimestepEmbedder, layer_norm, linear, modulate,
@@ -39,8 +47,12 @@ class SiTBlock(nnx.Module):
     return x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
 
+State = jax.Array | tuple[jax.Array, jax.Array]  # x [B, H, W, C], or (x, class token [B, E]) with REG
+
+
 class SiT(nnx.Module):
-  """Velocity model v(x_t, t, y). x: [B, H, W, C] (NHWC), t: [B] in [0, 1], y: [B] int in [0, num_classes]."""
+  """Velocity model v(state_t, t, y). state: x [B, H, W, C] (NHWC) or (x, class token [B, E]) (REG), t: [B] in
+  [0, 1], y: [B] int in [0, num_classes]."""
 
   def __init__(self, spec: SiTSpec, rngs: nnx.Rngs, *, dtype=jnp.float32, remat: str = "none"):
     self.spec = spec
@@ -63,6 +75,18 @@ class SiT(nnx.Module):
     self.final_norm = make_norm(spec.norm, d)
     self.final_ada_ln = linear(d, 2 * d, rngs, dtype=dtype, init=zeros)
     self.final_linear = linear(d, p * p * c, rngs, dtype=dtype, init=zeros)
+    if e := spec.class_token_dim:
+      self.cls_embed = linear(e, d, rngs, dtype=dtype)
+      self.cls_norm = nnx.LayerNorm(d, epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+      self.final_cls = linear(d, e, rngs, dtype=dtype, init=zeros)
+
+  def split_state(self, state: State) -> tuple[jax.Array, jax.Array | None]:
+    """(image, class token or None), refusing a state that does not fit the spec (a class token iff REG)."""
+    with_token = isinstance(state, (tuple, list))
+    if with_token != bool(self.spec.class_token_dim):
+      want = "(image, class token) (REG's SiT)" if self.spec.class_token_dim else "an image array (no class token)"
+      raise ValueError(f"this SiT takes {want}, got a {'pair' if with_token else 'single array'}")
+    return tuple(state) if with_token else (state, None)
 
   def run_blocks(self, hidden: jax.Array, c: jax.Array, start: int, stop: int) -> jax.Array:
     """Blocks start+1 .. stop (1-indexed) applied to hidden [B, N, D] with conditioning c [B, D], by lax.scan (each
@@ -71,14 +95,19 @@ class SiT(nnx.Module):
       return hidden
     graphdef, params = nnx.split(self.blocks)
     segment = jax.tree.map(lambda p: p[start:stop], params)
-    angles = rope_2d_angles(self.spec.width // self.spec.num_heads, *self.spec.grid) if self.spec.rope else None
+    angles = None
+    if self.spec.rope:  # the class token (REG), ahead of the grid, is not rotated
+      angles = rope_2d_angles(self.spec.width // self.spec.num_heads, *self.spec.grid)
+      angles = np.pad(angles, ((hidden.shape[1] - angles.shape[0], 0), (0, 0)))
     block = lambda h, p: sharding.constrain_batch(nnx.merge(graphdef, p)(h, c, angles))
     if (policy := REMAT_POLICIES[self.remat]) is not None:
       block = jax.checkpoint(block, policy=policy)
     return jax.lax.scan(lambda h, p: (block(h, p), None), hidden, segment)[0]
 
-  def embed(self, x: jax.Array, t: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [B, H, W, C], t [B], y [B] -> (tokens entering block 1 [B, N, D], conditioning c [B, D])."""
+  def embed(self, state: State, t: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """state, t [B], y [B] -> (tokens entering block 1 [B, N (+ 1 with a class token, first), D], conditioning c
+    [B, D])."""
+    x, cls = self.split_state(state)
     _, h, w, _ = x.shape
     p, (gh, gw) = self.spec.patch, self.spec.grid
     if (h, w) != tuple(self.spec.input_size):
@@ -86,6 +115,9 @@ class SiT(nnx.Module):
     tokens = patchify(x, p)
     position = sincos_pos_embed_2d(self.spec.width, gh, gw).astype(self.dtype)
     hidden = self.patch_embed(tokens.astype(self.dtype)) + position
+    if cls is not None:
+      cls = self.cls_norm(self.cls_embed(cls.astype(self.dtype))).astype(self.dtype)
+      hidden = jnp.concatenate([cls[:, None], hidden], axis=1)
     c = (self.t_embed(t) + self.y_embed(y)).astype(self.dtype)
     return sharding.constrain_batch(hidden), sharding.constrain_batch(c)
 
@@ -101,20 +133,25 @@ class SiT(nnx.Module):
       hiddens[k] = hidden
     return hiddens, hidden, done
 
-  def hidden_states(self, x: jax.Array, t: jax.Array, y: jax.Array, blocks: Sequence[int]) -> dict[int, jax.Array]:
+  def hidden_states(self, state: State, t: jax.Array, y: jax.Array, blocks: Sequence[int]) -> dict[int, jax.Array]:
     """{k: output of block k, [B, N, D]} for k in blocks, running no block after the last of them (SRA's teacher)."""
-    return self.run_to(*self.embed(x, t, y), blocks)[0]
+    return self.run_to(*self.embed(state, t, y), blocks)[0]
 
-  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array,
-               hidden_blocks: Sequence[int] = ()) -> tuple[jax.Array, dict[int, jax.Array]]:
-    """Returns the velocity [B, H, W, C] (float32) and {k: output of block k, [B, N, D]} for k in hidden_blocks.
+  def __call__(self, state: State, t: jax.Array, y: jax.Array,
+               hidden_blocks: Sequence[int] = ()) -> tuple[State, dict[int, jax.Array]]:
+    """Returns the velocity (float32, the state's structure: [B, H, W, C], or with REG ([B, H, W, C], [B, E])) and
+    {k: output of block k, [B, N, D]} for k in hidden_blocks (N counts REG's class token, the first).
 
     Blocks are numbered from 1 like REPA's `encoder_depth`: block k is the output of the k-th block.
     """
-    hidden, c = self.embed(x, t, y)
+    hidden, c = self.embed(state, t, y)
     hiddens, hidden, done = self.run_to(hidden, c, hidden_blocks)
     hidden = self.run_blocks(hidden, c, done, self.spec.depth)
     shift, scale = jnp.split(self.final_ada_ln(nnx.silu(c)), 2, axis=-1)
-    out = self.final_linear(modulate(self.final_norm(hidden), shift, scale))
-    out = unpatchify(out, self.spec.patch, *x.shape[1:3])
-    return out.astype(jnp.float32), hiddens
+    hidden = modulate(self.final_norm(hidden), shift, scale)
+    image = self.split_state(state)[0]
+    out = self.final_linear(hidden[:, -self.spec.num_tokens:])
+    out = unpatchify(out, self.spec.patch, *image.shape[1:3]).astype(jnp.float32)
+    if not self.spec.class_token_dim:
+      return out, hiddens
+    return (out, self.final_cls(hidden[:, 0]).astype(jnp.float32)), hiddens

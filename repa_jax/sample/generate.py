@@ -57,10 +57,11 @@ def pixel_decoder(config: ml_collections.ConfigDict) -> Network:
 
 
 def make_sampler(config: ml_collections.ConfigDict, mesh: Mesh):
-  """Jitted (params, noise [B, h, w, c], labels [B], key) -> uint8 images [B, H, W, C], the batch over all devices;
-  latents are decoded by `pixel_decoder`, whose weights are bound in (replicated)."""
-  s = config.sample
-  graphdef = sit_graphdef(model_spec(config))
+  """Jitted (params, noise [B, h, w, c], labels [B], key) -> uint8 images [B, H, W, C], the batch over all devices
+  (with REG the class token is sampled jointly and dropped); latents are decoded by `pixel_decoder`, whose weights
+  are bound in (replicated)."""
+  s, spec = config.sample, model_spec(config)
+  graphdef = sit_graphdef(spec)
   guidance = None if s.cfg_scale == 1.0 else Guidance(s.cfg_scale, config.data.num_classes, s.guidance_low,
                                                       s.guidance_high)
   if s.batch_size % mesh.size:
@@ -71,7 +72,12 @@ def make_sampler(config: ml_collections.ConfigDict, mesh: Mesh):
   def generate(decoder_params, params, noise, labels, key):
     sit = nnx.merge(graphdef, params)
     velocity = lambda x, t, y: sit(x, t, y)[0]
-    x = sample(s.sampler, velocity, noise, labels, key, s.steps, config.flow.path, guidance)
+    state = noise
+    if e := spec.sit.class_token_dim:  # REG: the class token is generated jointly, from its own noise
+      key, cls_key = jax.random.split(key)
+      state = (noise, jax.random.normal(cls_key, (noise.shape[0], e), noise.dtype))
+    x = sample(s.sampler, velocity, state, labels, key, s.steps, config.flow.path, guidance)
+    x = x[0] if spec.sit.class_token_dim else x
     return to_uint8(decoder.apply(decoder_params, x / config.data.latent_scale))
 
   batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)

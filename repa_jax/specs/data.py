@@ -10,13 +10,15 @@ from repa_jax.specs.model import aligned_encoders, sit_spec
 @dataclasses.dataclass(frozen=True)
 class DatasetRequirement:
   """What a run of a config reads: latents of `autoencoder` [*latent_shape] (scaled by latent_scale), labels in
-  [0, num_classes), and per aligned encoder (name, tokens, width) features on the SiT's token grid."""
+  [0, num_classes), per aligned encoder (name, tokens, width) features on the SiT's token grid, and with REG
+  (`class_tokens`) each encoder's class token [width]."""
   autoencoder: str
   latent_shape: tuple[int, int, int]
   latent_scale: float
   encoders: tuple[tuple[str, int, int], ...]
   token_grid: tuple[int, int]
   num_classes: int
+  class_tokens: bool = False
 
 
 def dataset_requirement(config: ml_collections.ConfigDict) -> DatasetRequirement:
@@ -25,7 +27,8 @@ def dataset_requirement(config: ml_collections.ConfigDict) -> DatasetRequirement
   return DatasetRequirement(
       autoencoder=config.data.autoencoder, latent_shape=tuple(config.data.latent_shape),
       latent_scale=config.data.latent_scale, token_grid=spec.grid, num_classes=config.data.num_classes,
-      encoders=tuple((name, spec.num_tokens, width) for name, width in aligned_encoders(config).items()))
+      encoders=tuple((name, spec.num_tokens, width) for name, width in aligned_encoders(config).items()),
+      class_tokens=bool(config.reg.weight))
 
 
 def check_encoder_features(name: str, tokens: int, width: int, requirement: DatasetRequirement, where: str,

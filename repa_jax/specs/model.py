@@ -32,6 +32,8 @@ class SiTSpec:
   mlp: str = "gelu"
   rope: bool = False
   qk_norm: bool = False
+  # REG: the width E of the encoder class token that joins the tokens (0: none).
+  class_token_dim: int = 0
 
   def __post_init__(self):
     for field, value, choices in (("norm", self.norm, NORMS), ("mlp", self.mlp, MLPS)):
@@ -94,11 +96,22 @@ def spec_from_name(name: str, *, input_size, in_channels: int, num_classes: int,
 
 
 def sit_spec(config: ml_collections.ConfigDict) -> SiTSpec:
-  """The SiT shape implied by config.model and config.data."""
+  """The SiT shape implied by config.model, config.data and, with REG (config.reg.weight), the class token of the
+  first encoder of config.align.encoders."""
   m, shape = config.model, tuple(config.data.latent_shape)
   named = spec_from_name(m.name, input_size=shape[:2], in_channels=shape[2], num_classes=config.data.num_classes,
                          depth=m.depth, width=m.width, num_heads=m.num_heads)
-  return dataclasses.replace(named, **{field: m[field] for field in BLOCK_SWITCHES})
+  return dataclasses.replace(named, **{field: m[field] for field in BLOCK_SWITCHES},
+                             class_token_dim=reg_encoder(config)[1] if config.reg.weight else 0)
+
+
+def reg_encoder(config: ml_collections.ConfigDict) -> tuple[str, int]:
+  """(name, width) of the encoder whose class token REG feeds the SiT: the first of config.align.encoders."""
+  if not config.align.encoders:
+    raise ValueError("config.reg.weight is set but config.align.encoders is empty: REG's class token comes from an "
+                     "aligned encoder (use a preset with REPA, e.g. reg=reg)")
+  name, width = config.align.encoders[0]
+  return str(name), int(width)
 
 
 def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:

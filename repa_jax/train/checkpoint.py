@@ -29,7 +29,7 @@ def checkpoint_dir(workdir: str) -> epath.Path:
 # The config.model fields that fix the model (dtype and remat only change how it is computed).
 MODEL_SHAPE_FIELDS = ("name", "depth", "width", "num_heads", *BLOCK_SWITCHES)
 # Architecture fields added after checkpoints were first written, with the value those checkpoints had.
-LATER_FIELDS = {"align.projector": ["mlp", 1], "train.optimizer": "adamw", "sra.head": False}
+LATER_FIELDS = {"align.projector": ["mlp", 1], "train.optimizer": "adamw", "sra.head": False, "reg.class_token": False}
 LATER_MODEL_FIELDS = {"norm": "layernorm", "mlp": "gelu", "rope": False, "qk_norm": False}
 
 
@@ -42,7 +42,8 @@ def architecture(config: ml_collections.ConfigDict) -> dict:
             "align.projector_dim": config.align.projector_dim if config.align.encoders else None,
             "align.projector": [config.align.projector, config.align.projector_kernel] if config.align.encoders
                                else LATER_FIELDS["align.projector"],
-            "train.optimizer": config.train.optimizer, "sra.head": bool(config.sra.weight)}
+            "train.optimizer": config.train.optimizer, "sra.head": bool(config.sra.weight),
+            "reg.class_token": bool(config.reg.weight)}
   return json.loads(json.dumps(fields))  # tuples -> lists, as the checkpoint's JSON holds them
 
 

@@ -1,5 +1,5 @@
-"""The pure train step: flow loss + lambda_align * REPA + lambda_disp * dispersive + lambda_sra * SRA, the optimizer,
-EMA."""
+"""The pure train step: flow loss + lambda_align * REPA + lambda_disp * dispersive + lambda_sra * SRA + lambda_reg *
+REG's class-token flow, the optimizer, EMA."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -8,12 +8,13 @@ from flax import nnx
 
 from repa_jax.objectives.alignment import alignment_loss, normalize_targets
 from repa_jax.objectives.dispersive import dispersive_loss
+from repa_jax.objectives.entanglement import class_token_loss, entangled_target, noised_class_token
 from repa_jax.objectives.flow import flow_loss, interpolate, sample_time, velocity_direction_loss
 from repa_jax.objectives.self_alignment import self_alignment_loss, sra_weight, teacher_time
 from repa_jax.models.repa_sit import model_graphdef
 from repa_jax.specs import rng, sharding
 from repa_jax.specs.data import DatasetRequirement, check_encoder_features, dataset_requirement
-from repa_jax.specs.model import aligned_encoders, dispersive_blocks, model_spec, sit_spec
+from repa_jax.specs.model import aligned_encoders, dispersive_blocks, model_spec, reg_encoder, sit_spec
 from repa_jax.train.state import ema_decay_schedule, learning_rate_schedule, make_optimizer
 
 
@@ -50,7 +51,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
   """Returns the pure `train_step(state, batch) -> (state, metrics)` for a config and model structure.
 
   batch: {'latent_mean': [B, H, W, C], optional 'latent_std': [B, H, W, C], 'label': [B] int,
-          'features': {encoder name: [B, N, C_k]}} (features only when REPA is on).
+          'features': {encoder name: [B, N, C_k]}, 'class_tokens': {encoder name: [B, C_k]}} (features only when
+          REPA is on, class tokens only with REG).
   """
   tx = make_optimizer(config)
   schedule = learning_rate_schedule(config)
@@ -60,7 +62,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
   requirement = dataset_requirement(config)
   encoders = aligned_encoders(config)
   disperse_blocks = dispersive_blocks(config)
-  sra = config.sra
+  sra, reg = config.sra, config.reg
+  reg_name = reg_encoder(config)[0] if reg.weight else None
   hidden_blocks = tuple(sorted(set(disperse_blocks) | ({align.block} if encoders else set()) |
                                ({sra.student_block} if sra.weight else set())))
   train_key = rng.stream(config.seed, "train")
@@ -76,25 +79,41 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
     t = sample_time(time_key, x.shape[0], config.flow.time_sampler, config.flow.path)
     noise = jax.random.normal(noise_key, x.shape, jnp.float32)
     x_t, v_target = interpolate(x, noise, t, config.flow.path)
+    if reg.weight:  # REG's class token: on the same path at the same t, with its own noise
+      class_token = batch["class_tokens"][reg_name]
+      cls_noise = jax.random.normal(jax.random.fold_in(step_key, 2), class_token.shape, jnp.float32)
+      cls_t, v_cls_target = noised_class_token(class_token, cls_noise, t, config.flow.path)
+
+    def state_at(time):  # the SiT's noised input at times [B]: the image, with REG (image, class token)
+      image = interpolate(x, noise, time, config.flow.path)[0]
+      return (image, noised_class_token(class_token, cls_noise, time, config.flow.path)[0]) if reg.weight else image
+
     if sra.weight:  # SRA's teacher: the EMA model's block on the same data and noise at a less noisy time
       s = teacher_time(jax.random.fold_in(step_key, 1), t, sra.max_time_gap)
       teacher = jax.lax.stop_gradient(nnx.merge(graphdef, state["ema_params"]).sit.hidden_states(
-          interpolate(x, noise, s, config.flow.path)[0], s, y, (sra.teacher_block,))[sra.teacher_block])
+          state_at(s), s, y, (sra.teacher_block,))[sra.teacher_block])
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
-      v_pred, hiddens = model.sit(x_t, t, y, hidden_blocks=hidden_blocks)
+      v_pred, hiddens = model.sit((x_t, cls_t) if reg.weight else x_t, t, y, hidden_blocks=hidden_blocks)
+      if reg.weight:
+        v_pred, v_cls = v_pred
       terms = {"flow": flow_loss(v_pred, v_target)}
       total = terms["flow"]
+      if reg.weight:
+        terms["reg"] = class_token_loss(v_cls, v_cls_target)
+        total = total + reg.weight * terms["reg"]
       if config.flow.cosine_weight:
         terms["cosine"] = velocity_direction_loss(v_pred, v_target)
         total = total + config.flow.cosine_weight * terms["cosine"]
       if encoders:
         projected = [model.projectors[name](hiddens[align.block]) for name in encoders]
+        targets = {name: batch["features"][name] for name in encoders}
+        if reg.weight:
+          targets = {name: entangled_target(f, batch["class_tokens"][name]) for name, f in targets.items()}
         terms["align"], terms["align_cos"] = alignment_loss(
-            projected, [normalize_targets(batch["features"][name], align.target_norm, align.zscore_gamma)
-                        for name in encoders], objective=align.objective,
-            temperature=align.temperature)
+            projected, [normalize_targets(f, align.target_norm, align.zscore_gamma) for f in targets.values()],
+            objective=align.objective, temperature=align.temperature)
         total = total + align.weight * active(align.stop_step, state["step"]) * terms["align"]
       if disperse_blocks:
         terms["disperse"] = jnp.mean(jnp.stack([
