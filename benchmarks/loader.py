@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 from array_record.python import array_record_data_source, array_record_module
 
-from repa_jax.config import base_config
+from repa_jax.config import base_config, select_regularizers
 from repa_jax.data.feature_writer import finalize, pending_shards, shard_range, write_shard
 from repa_jax.data.features import FeatureSpec, open_features, stored_fields
 from repa_jax.data.pipeline import process_batches
@@ -214,7 +214,9 @@ def feed_requirements(stored_bytes: float, per_cpu_s: float) -> None:
 
 def main(argv):
   del argv
-  spec = FeatureSpec(**dataclasses.asdict(dataset_requirement(base_config())), quantize=_QUANTIZE.value,
+  config = base_config()
+  select_regularizers(config, "repa")  # REPA's records: latents and DINOv2-B patch tokens
+  spec = FeatureSpec(**dataclasses.asdict(dataset_requirement(config)), quantize=_QUANTIZE.value,
                      preprocessing="synthetic N(0, 1)", source="loader benchmark")
   directory = os.path.join(_WORKDIR.value, f"synth_in1k_{_QUANTIZE.value}_{_RECORDS.value}")
   print(f"spec: {spec}\nload average at start: {os.getloadavg()}, {os.cpu_count()} CPUs")

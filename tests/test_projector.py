@@ -1,5 +1,5 @@
 """The projectors: iREPA's convolution over the token grid vs a float64 NumPy convolution (values and gradients),
-and the iREPA preset's train step, sharded = unsharded, on the tiny and the Fashion-MNIST config."""
+and the iREPA preset's train step, sharded = unsharded, on the tiny config."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import fashion_mnist, tiny
+from configs import tiny
 from repa_jax.models.projector import ConvProjector
 from tests.test_train_step import run
 
@@ -60,12 +60,3 @@ def test_irepa_step_sharded_equals_unsharded_and_trains_the_conv_projector():
   chex.assert_trees_all_close(metrics_8, metrics_1, rtol=1e-5, atol=1e-6)
   conv = single["params"]["projectors"]["toy_encoder"]["conv"]["kernel"]
   assert conv.shape == (3, 3, 64, 16) and np.isfinite(metrics_1["align"])
-
-
-@pytest.mark.parametrize("reg", ["irepa", "irepa+disperse"])
-def test_the_fashion_mnist_presets_train(reg):
-  config = fashion_mnist.get_config(f"reg={reg}")
-  config.data.source = "synthetic"
-  config.train.batch_size = 16  # one dispersive group of 16
-  state, metrics = run(config, (1, 1), 2)
-  assert all(np.isfinite(v) for v in jax.tree.leaves(metrics)) and int(state["step"]) == 2

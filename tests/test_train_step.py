@@ -1,11 +1,13 @@
-"""The sharded pure train step: equality across meshes, EMA, label dropout, no re-tracing, gradients, errors."""
+"""The sharded pure train step: equality across meshes, EMA, label dropout, no re-tracing, gradients, errors, and
+every Fashion-MNIST preset training."""
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny
+from configs import fashion_mnist, tiny
+from repa_jax.config import REGULARIZERS
 from repa_jax.data.synthetic import SyntheticBatches
 from repa_jax.models.repa_sit import model_graphdef
 from repa_jax.specs import sharding
@@ -37,7 +39,7 @@ def run(config, mesh_shape, steps):
 SRA_MESH = (8, 1)
 
 
-@pytest.mark.parametrize("reg, mesh_shape", [("both", (2, 4)), ("sra", SRA_MESH)])
+@pytest.mark.parametrize("reg, mesh_shape", [("both", (2, 4)), ("sra", SRA_MESH), ("reg", (2, 4))])
 def test_sharded_step_equals_single_device_step(reg, mesh_shape):
   config = tiny.get_config(f"reg={reg}")
   config.model.width = 64  # wide enough that kernels are FSDP-sharded over 4 devices
@@ -86,15 +88,17 @@ def test_ema_warmup_decay_follows_its_formula_step_by_step():
   assert min(0.5, (1 + 100) / (10 + 100)) == 0.5  # the cap takes over once (1 + i) / (10 + i) exceeds the decay
 
 
-@pytest.mark.parametrize("kind", ["constant", "cosine"])
+@pytest.mark.parametrize("kind", ["constant", "cosine", "cooldown"])
 def test_learning_rate_schedule_matches_numpy(kind):
   config = tiny.get_config("reg=none")
-  config.train.update(lr=2e-3, warmup_steps=4, steps=20, lr_schedule=kind)
+  config.train.update(lr=2e-3, warmup_steps=4, steps=20, lr_schedule=kind, cooldown_fraction=0.25)
   schedule = learning_rate_schedule(config)
-  for step in range(24):  # NumPy reference: linear warm-up, then constant or a half cosine to 0 at `steps`
+  for step in range(24):  # NumPy reference: linear warm-up, then constant, a half cosine or a linear cooldown to 0
     lr = 2e-3 * min(1.0, (step + 1) / 4)
     if kind == "cosine":
       lr *= 0.5 * (1 + np.cos(np.pi * min(max(step - 4, 0) / 16, 1.0)))
+    if kind == "cooldown":  # the last 5 of the 20 steps: 5/5 at step 15, 1/5 at step 19, 0 from step 20 on
+      lr *= min(max((20 - step) / 5, 0.0), 1.0)
     np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-5, atol=1e-12)
 
 
@@ -217,3 +221,12 @@ def test_mismatched_features_and_batches_are_refused():
   step, state, batches = setup(config, (1, 1))
   with pytest.raises(ValueError, match="group_size=3 does not divide the per-step batch 8"):
     step(state, next(batches))
+
+
+@pytest.mark.parametrize("reg", sorted(REGULARIZERS))
+def test_every_fashion_mnist_preset_trains(reg):
+  config = fashion_mnist.get_config(f"reg={reg}")
+  config.data.source = "synthetic"
+  config.train.batch_size = 16  # one dispersive group of 16
+  state, metrics = run(config, (1, 1), 2)
+  assert all(np.isfinite(v) for v in jax.tree.leaves(metrics)) and int(state["step"]) == 2

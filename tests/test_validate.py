@@ -14,7 +14,7 @@ ZERO_ALLOWED = {"seed", "flow.cosine_weight", "align.weight", "align.stop_step",
                 "disperse.stop_step", "disperse.margin", "train.warmup_steps", "train.b1", "train.b2", "train.muon_beta", "train.weight_decay", "train.ema_decay", "train.label_dropout", "train.restore_step",
                 "sample.cfg_scale", "sample.guidance_low", "sample.seed", "sample.checkpoint_step",
                 "evaluate.cfg_scale", "evaluate.guidance_low", "sra.weight", "sra.max_time_gap",
-                "sra.decay_start_epoch", "sra.stop_step"}
+                "sra.decay_start_epoch", "sra.stop_step", "reg.weight"}
 HUGE_ALLOWED = {"seed", "align.stop_step", "disperse.stop_step", "model.depth", "model.width", "model.num_heads",
                 "data.num_classes", "align.block",
                 "align.projector_dim", "disperse.group_size", "train.batch_size", "train.steps", "train.warmup_steps",

@@ -10,7 +10,7 @@ from repa_jax.models.repa_sit import build_model
 from repa_jax.specs import rng
 from repa_jax.specs.model import model_spec
 
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "cooldown")
 OPTIMIZERS = ("adamw", "muon")
 # Muon's update RMS: 0.2 x sqrt(max(fan_in, fan_out)) scaling makes it match AdamW's typical update RMS, so Muon runs
 # at AdamW's learning rate (Liu et al. 2025, "Muon is Scalable for LLM Training", section 2.2).
@@ -22,17 +22,22 @@ STACKED = "blocks"  # sit.blocks: each parameter has a leading [depth] axis (one
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """The learning rate of update `step` (0-indexed): a linear warm-up over config.train.warmup_steps to config.train.lr,
-  then constant (lr_schedule 'constant') or a half cosine to 0 at config.train.steps ('cosine')."""
+  then constant (lr_schedule 'constant'), a half cosine to 0 at config.train.steps ('cosine'), or constant and then
+  linear to 0 at config.train.steps over its last config.train.cooldown_fraction ('cooldown': warm-up, stable, decay,
+  Hägele et al. 2024)."""
   t = config.train
   if t.lr_schedule not in LR_SCHEDULES:
     raise ValueError(f"config.train.lr_schedule={t.lr_schedule!r} is not one of {LR_SCHEDULES}")
   warmup, decay_steps = t.warmup_steps, max(t.steps - t.warmup_steps, 1)
+  cooldown_steps = max(round(t.cooldown_fraction * t.steps), 1)
 
   def schedule(step):
     lr = t.lr * (jnp.minimum(1.0, (step + 1) / warmup) if warmup else 1.0)
     if t.lr_schedule == "cosine":
       progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
       lr = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    if t.lr_schedule == "cooldown":
+      lr = lr * jnp.clip((t.steps - step) / cooldown_steps, 0.0, 1.0)
     return lr
   return schedule
 
