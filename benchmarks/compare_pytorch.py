@@ -17,9 +17,7 @@ PyTorch's median step time over repa_jax's (> 1: repa_jax is faster). The load a
 """
 import os
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import torch
@@ -27,11 +25,8 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repository root, for configs/, tests/
 from configs import fashion_mnist, imagenet  # noqa: E402
-from repa_jax.specs import sharding  # noqa: E402
+from benchmarks.side_by_side import interleaved_medians, jax_step  # noqa: E402
 from repa_jax.specs.model import REMAT, sit_spec  # noqa: E402
-from repa_jax.train.loop import make_batches  # noqa: E402
-from repa_jax.train.state import abstract_state, init_state, make_optimizer  # noqa: E402
-from repa_jax.train.step import jit_train_step  # noqa: E402
 from tests.torch_sit import SiT  # noqa: E402
 
 CASES = {"fashion_mnist": (lambda: fashion_mnist.get_config("reg=repa"), None),
@@ -56,22 +51,6 @@ def case_config(name: str):
   if batch:
     config.train.batch_size = batch
   return config
-
-
-def jax_side(config):
-  """(step(): one jitted repa_jax train step on the next synthetic batch, blocking)."""
-  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
-  tx = make_optimizer(config)
-  state_sharding = sharding.state_sharding(abstract_state(config, tx), mesh)
-  batches = make_batches(config, sharding.batch_sharding(mesh))
-  batch = jax.block_until_ready(next(batches))
-  train_step = jit_train_step(config, mesh, state_sharding)
-  holder = {"state": init_state(config, tx, state_sharding)}
-
-  def step():
-    holder["state"], metrics = train_step(holder["state"], batch)
-    jax.block_until_ready(metrics)
-  return step
 
 
 def torch_side(config):
@@ -113,15 +92,6 @@ def torch_side(config):
   return step
 
 
-def timed(step, steps: int) -> list[float]:
-  out = []
-  for _ in range(steps):
-    tick = time.perf_counter()
-    step()
-    out.append(time.perf_counter() - tick)
-  return out
-
-
 def main(argv):
   del argv
   torch.set_num_threads(os.cpu_count())
@@ -129,16 +99,9 @@ def main(argv):
   for name in _CASES.value:
     config = case_config(name)
     spec = sit_spec(config)
-    sides = {"repa_jax": jax_side(config), "pytorch": torch_side(config)}
-    for step in sides.values():
-      for _ in range(_WARMUP.value):
-        step()
+    sides = {"repa_jax": jax_step(config), "pytorch": torch_side(config)}
     load_before = os.getloadavg()[0]
-    times = {side: [] for side in sides}
-    for _ in range(_ROUNDS.value):
-      for side, step in sides.items():
-        times[side] += timed(step, _STEPS.value)
-    medians = {side: statistics.median(values) for side, values in times.items()}
+    medians = interleaved_medians(sides, _STEPS.value, _ROUNDS.value, _WARMUP.value)
     ratio = medians["pytorch"] / medians["repa_jax"]
     print(f"{name}: SiT depth {spec.depth} width {spec.width} tokens {spec.num_tokens}, batch "
           f"{config.train.batch_size}, remat {config.model.remat} | repa_jax {medians['repa_jax'] * 1e3:.1f} ms/step, PyTorch "
