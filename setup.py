@@ -26,7 +26,9 @@ setuptools.setup(
     install_requires=CORE + ["jax[cpu]==0.10.2"],
     extras_require={
         "tpu": ["jax[tpu]==0.10.2"],
-        "test": ["pytest", "pytest-xdist", "libtpu==0.0.42.*"],
+        # The ImageNet path's weights: SD-VAE's .safetensors (.pth files are read without PyTorch).
+        "imagenet": ["safetensors==0.8.0"],
+        "test": ["pytest", "pytest-xdist", "libtpu==0.0.42.*", "safetensors==0.8.0"],
         # benchmarks/tpu_compile.py: libtpu's compiler, to compile TPU programs on a machine without a TPU.
         "tpu-compile": ["libtpu==0.0.42.*"],
         "study": ["matplotlib", "scipy"],

@@ -72,12 +72,12 @@ def describe_command(args: argparse.Namespace) -> list[str]:
 
 def setup_script(args: argparse.Namespace) -> str:
   """Remote shell: a virtual environment of --python (apt-installed; jax 0.10 needs Python >= 3.11) with the code
-  installed editable with its TPU extra."""
+  installed editable with its TPU and ImageNet extras (precompute and convert read the weights files)."""
   apt = "sudo apt-get -o DPkg::Lock::Timeout=600"
   python = shlex.quote(args.python)
   return (f"{apt} update -qq && {apt} install -y -qq {python} {shlex.quote(args.python + '-venv')} && "
           f"{python} -m venv {REMOTE_VENV} && {REMOTE_VENV}/bin/pip install -q --upgrade pip && "
-          f"cd {REMOTE_DIR} && {REMOTE_VENV}/bin/pip install -q -e '.[tpu]'")
+          f"cd {REMOTE_DIR} && {REMOTE_VENV}/bin/pip install -q -e '.[tpu,imagenet]'")
 
 
 def install_commands(args: argparse.Namespace) -> list[list[str]]:

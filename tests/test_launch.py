@@ -88,7 +88,7 @@ def test_install_copies_committed_head_to_every_worker_then_pip_installs():
   assert "--worker=all" in scp and "--worker=all" in ssh
   remote = remote_command(ssh)
   assert remote.index("tar -xzf repa_jax.tar.gz -C ~/repa_jax") < remote.index("python3.11 -m venv ~/repa_jax_venv")
-  assert remote.endswith("cd ~/repa_jax && ~/repa_jax_venv/bin/pip install -q -e '.[tpu]'")
+  assert remote.endswith("cd ~/repa_jax && ~/repa_jax_venv/bin/pip install -q -e '.[tpu,imagenet]'")
 
 
 def test_install_from_git_url_clones_on_the_workers():

@@ -17,7 +17,6 @@ blocks.N.{attn.qkv, attn.proj, mlp.fc1, mlp.fc2, adaLN_modulation.1}, final_laye
   sinusoid of 1 - t is a fixed rotation of the sinusoid of t, absorbed by t_embedder.mlp.0; the output layer is negated.
 By default the source is told by the keys: REPA's SiT always has `projectors.*`, SiT's never.
 """
-import argparse
 import re
 
 import jax
@@ -55,11 +54,9 @@ def model_weights(loaded: dict, which: str) -> dict[str, np.ndarray]:
 
 
 def read_checkpoint(path: str, which: str = "ema") -> dict[str, np.ndarray]:
-  """{official name: ndarray} of a REPA / SiT / DispLoss checkpoint file (the argparse `args` of training checkpoints
-  is let through PyTorch's weights-only unpickler)."""
-  import torch
-  with torch.serialization.safe_globals([argparse.Namespace]):
-    return model_weights(load_state_dict(path), which)
+  """{official name: ndarray} of a REPA / SiT / DispLoss checkpoint file (training checkpoints: `which` of its 'ema'
+  and 'model'; their argparse `args` is read and dropped)."""
+  return model_weights(load_state_dict(path), which)
 
 
 def block_indices(state_dict: dict[str, np.ndarray]) -> list[int]:
