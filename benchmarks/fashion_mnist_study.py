@@ -1,4 +1,5 @@
-"""The Fashion-MNIST study: none / REPA / Dispersive / both at the main job's recipe, over seeds, FD against steps.
+"""The Fashion-MNIST study: none / REPA / Dispersive / both at the main job's recipe with a constant learning rate,
+over seeds, FD against steps.
 
   pip install -e ".[study]"   # matplotlib, scipy
   python benchmarks/fashion_mnist_study.py --workdir=workdir/study --disperse_grid   # 1. tune λ, τ (one seed)
@@ -9,8 +10,8 @@ Each run trains configs/fashion_mnist.py:reg=<arm> with --seeds' seed (init, dat
 budget: the main job's 1400) and evaluates its EMA model every --eval_every steps (in-training evaluation:
 --eval_samples class-balanced samples with EVAL_SAMPLER, scored by the project's CNN classifier against the test
 split, beside the real-data floor of as many real train images); the --long_seed's run of each arm continues to
---long_factor x the budget (the learning rate is constant after the warm-up, so its first budget is the budget's
-run). At the budget's checkpoint each run's aligned block is probed (repa_jax.evaluate.representation: linear probe,
+--long_factor x the budget (the learning rate is held constant after the warm-up, so its first budget is the budget's
+run; the main job ends with a cooldown, which would tie every run to its own length). At the budget's checkpoint each run's aligned block is probed (repa_jax.evaluate.representation: linear probe,
 CKNNA and mutual k-NN to the target encoder). The Dispersive Loss is first tuned for this scale (--disperse_grid:
 λ x τ of GRID on seed 0 for --grid_steps steps, scored once at the end); the arms 'disperse' and 'both' then use the
 grid's best. Results: <workdir>/study.md (mean +- std per arm and step, Welch's t-tests of each arm against none,
@@ -67,7 +68,8 @@ def run_config(arm: str, seed: int, steps: int, eval_every: int, disperse: tuple
   (λ, τ) of the dispersive term."""
   config = fashion_mnist.get_config(f"reg={arm}")
   config.seed = seed
-  config.train.update(steps=steps, checkpoint_every=min(steps, _STEPS.value))  # the budget's checkpoint, for the probe
+  # The budget's checkpoint, for the probe; a constant learning rate, so that a long run's first budget is the budget's.
+  config.train.update(steps=steps, lr_schedule="constant", checkpoint_every=min(steps, _STEPS.value))
   if _OPTIMIZER.value:
     config.train.optimizer = _OPTIMIZER.value
   config.evaluate.update(every_steps=eval_every, num_samples=_EVAL_SAMPLES.value, batch_size=100, **EVAL_SAMPLER)

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from configs import fashion_mnist, imagenet, tiny
+from repa_jax.config import REGULARIZERS
 from repa_jax.validate import RULES, validate
 from tests.processes import ROOT
 
@@ -103,9 +104,9 @@ def test_an_empty_guidance_interval_is_refused():
 
 
 @pytest.mark.parametrize("config", [
-    *(tiny.get_config(f"reg={r}") for r in ("none", "repa", "disperse", "both")),
-    *(fashion_mnist.get_config(f"reg={r}") for r in ("none", "repa", "disperse", "both", "irepa", "irepa+disperse")),
-    *(imagenet.get_config(f"model={m},reg=repa") for m in ("S/2", "B/2", "L/2", "XL/2"))])
+    *(tiny.get_config(f"reg={r}") for r in REGULARIZERS),
+    *(fashion_mnist.get_config(f"reg={r}") for r in REGULARIZERS),
+    *(imagenet.get_config(f"model={m},reg={r}") for m in ("S/2", "B/2", "L/2", "XL/2") for r in REGULARIZERS)])
 def test_the_shipped_configs_pass(config):
   validate(config)
 
