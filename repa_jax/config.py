@@ -43,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   # precomputed with REG on (it stores the class tokens).
   c.reg = dict(weight=0.03)
   # keep_every: also keep every keep_every-th checkpoint for good (None: only the newest keep_checkpoints).
-  # restore_step: resume from this checkpoint (None: the newest readable one).
+  # restore_step: resume from this checkpoint (None: the newest readable one). profile_steps: (first, last) steps
+  # (1-indexed) traced by jax.profiler into <workdir>/profile (None: no trace).
   # ema_warmup: decay min(ema_decay, (1 + step) / (10 + step)) instead of a constant ema_decay (REPA: constant).
   # lr_schedule: constant (REPA) | cosine (from lr after the warm-up to 0 at `steps`) | cooldown (constant, then
   # linear to 0 at `steps` over the last cooldown_fraction of them).
@@ -53,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
                  warmup_steps=0, optimizer="adamw", muon_lr_scale=1.0, muon_beta=0.95, muon_ns_steps=5, b1=0.9,
                  b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, ema_warmup=False,
                  label_dropout=0.1, log_every=100, checkpoint_every=10_000, keep_checkpoints=3,
-                 keep_every=placeholder(int), restore_step=placeholder(int))
+                 keep_every=placeholder(int), restore_step=placeholder(int), profile_steps=placeholder(tuple))
   c.mesh = dict(axes=("data", "fsdp"), shape=(-1, 1))
   # --mode=sample: sampler euler | heun | sde; labels uniform | balanced; checkpoint_step None = the newest;
   # decoder_weights: the sd-vae-ft-ema .safetensors that decodes VAE latents (unused for the identity autoencoder).

@@ -112,6 +112,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   student, teacher = config.sra.student_block, config.sra.teacher_block
   if config.sra.weight and POSITIVE(student) is None and POSITIVE(teacher) is None and student >= teacher:
     problems.append(f"config.sra.student_block={student} >= teacher_block={teacher}: SRA's teacher is a later block")
+  profile = config.train.profile_steps
+  if profile is not None and not (len(profile) == 2 and all(POSITIVE(s) is None for s in profile)
+                                  and profile[0] <= profile[1]):
+    problems.append(f"config.train.profile_steps={profile!r}: use (first, last) steps with 1 <= first <= last")
   if config.reg.weight and not (config.align.weight and config.align.encoders):
     problems.append(f"config.reg.weight={config.reg.weight} needs REPA (config.align.weight and encoders): REG's class "
                     "token comes from the aligned encoder and joins its target; use the preset reg=reg")

@@ -1,9 +1,11 @@
-"""The training loop: checkpoints, TensorBoard logs, and a resumed run equal to an uninterrupted one."""
+"""The training loop: checkpoints, TensorBoard logs, a resumed run equal to an uninterrupted one, profiling."""
 import jax
 import numpy as np
+import pytest
 
 from configs import tiny
 from repa_jax.train.loop import train
+from repa_jax.validate import validate
 
 
 def tiny_run_config(steps):
@@ -37,3 +39,13 @@ def test_a_run_resumed_across_a_stop_step_is_bit_identical(tmp_path):
   resumed = jax.device_get(train(config(6), str(tmp_path / "b")))
   for a, b in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_profile_steps_write_a_trace_and_bad_ranges_are_refused(tmp_path):
+  config = tiny.get_config("reg=none")
+  config.train.update(steps=4, profile_steps=(2, 3))
+  train(config, str(tmp_path))
+  assert list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
+  config.train.profile_steps = (3, 2)
+  with pytest.raises(ValueError, match=r"config.train.profile_steps=\(3, 2\)"):
+    validate(config)

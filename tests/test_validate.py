@@ -41,12 +41,12 @@ def numeric_fields():
   config = tiny.get_config()
   found = {}
   for field, value in fields(config):
-    if isinstance(value, bool) or field == "disperse.blocks":
+    if isinstance(value, bool) or field in ("disperse.blocks", "train.profile_steps"):
       continue
     if isinstance(value, (int, float)):
       found[field] = type(value)
     elif value is None:
-      found[field] = int  # every None placeholder but disperse.blocks holds an int
+      found[field] = int  # every None placeholder but the tuples disperse.blocks and train.profile_steps holds an int
   return found
 
 

@@ -45,7 +45,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, evaluator: Evaluator 
   entry point, e.g. `evaluate.make_periodic_evaluator`); its metrics go to TensorBoard and <workdir>/eval.jsonl.
 
   Stops early, after saving, when preempted (SIGTERM); raises FloatingPointError, without saving, on a non-finite
-  loss term."""
+  loss term. With config.train.profile_steps = (first, last), steps first..last (1-indexed) are traced by
+  jax.profiler into <workdir>/profile (TensorBoard's profile plugin or Perfetto read it)."""
   # Mesh, shardings and the state: restored if a checkpoint exists (onto this mesh, whatever mesh wrote it), else new.
   mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
   sharding.check_batch_divisible(config.train.batch_size, mesh)
@@ -79,11 +80,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, evaluator: Evaluator 
   tick, tick_step = time.perf_counter(), step
   start, start_step = tick, step
   unchecked = None
+  profile_first, profile_last = config.train.profile_steps or (None, None)
   with failures.preemption_check() as preempted:
     try:
       while step < total:
+        if step + 1 == profile_first:
+          jax.profiler.start_trace(f"{workdir}/profile")
         state, metrics = train_step(state, next(batches))
         step += 1
+        if step == profile_last:
+          jax.block_until_ready(metrics)
+          jax.profiler.stop_trace()
+          logging.info("profile of steps %d..%d written to %s/profile", profile_first, profile_last, workdir)
         if unchecked:
           failures.check_finite(*unchecked, manager.latest_step())
         unchecked = (step, metrics)
