@@ -10,9 +10,11 @@ def base_config() -> ml_collections.ConfigDict:
   # name '<S|B|L|XL>/<1|2|4|8>'; depth/width/num_heads: None = the named size's. remat: what each block keeps for
   # the backward pass: none (everything), dots (matmul outputs; the rest is recomputed), full (only its input).
   # norm (layernorm | rmsnorm), mlp (gelu | swiglu), rope, qk_norm: LightningDiT's block switches (specs.model.SiTSpec);
-  # the defaults are SiT's.
+  # the defaults are SiT's. attention: einsum (written out) | xla | cudnn (jax.nn.dot_product_attention's
+  # implementations; cudnn: the fused kernel on NVIDIA GPUs).
   c.model = dict(name="XL/2", depth=placeholder(int), width=placeholder(int), num_heads=placeholder(int),
-                 dtype="float32", remat="none", norm="layernorm", mlp="gelu", rope=False, qk_norm=False)
+                 dtype="float32", remat="none", attention="einsum", norm="layernorm", mlp="gelu", rope=False,
+                 qk_norm=False)
   # source: 'synthetic' (random data of the configured shapes, for benchmarks and tests) or 'features'.
   # autoencoder: 'identity' (pixels) or 'sd-vae-ft-mse'; autoencoder_spec: VAESpec fields replacing SD-VAE's (tests).
   c.data = dict(source="synthetic", directory="", split="train", latent_shape=(32, 32, 4), num_classes=1000,

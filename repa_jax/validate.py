@@ -12,7 +12,7 @@ from repa_jax.objectives.flow import PATHS, TIME_SAMPLERS
 from repa_jax.objectives.self_alignment import SRA_OBJECTIVES
 from repa_jax.sample.generate import LABEL_MODES
 from repa_jax.sample.samplers import SAMPLERS
-from repa_jax.specs.model import DTYPES, MLPS, NORMS, PROJECTORS, REMAT
+from repa_jax.specs.model import ATTENTIONS, DTYPES, MLPS, NORMS, PROJECTORS, REMAT
 from repa_jax.train.state import LR_SCHEDULES, OPTIMIZERS
 
 Rule = Callable[[object], str | None]  # value -> what is allowed, if the value is not
@@ -46,7 +46,7 @@ RULES: dict[str, Rule] = {
     "seed": COUNT,
     "model.depth": number(1, integer=True, optional=True), "model.width": number(1, integer=True, optional=True),
     "model.num_heads": number(1, integer=True, optional=True), "model.dtype": one_of(DTYPES),
-    "model.remat": one_of(REMAT), "model.norm": one_of(NORMS), "model.mlp": one_of(MLPS),
+    "model.remat": one_of(REMAT), "model.attention": one_of(ATTENTIONS), "model.norm": one_of(NORMS), "model.mlp": one_of(MLPS),
     "model.rope": one_of((False, True)), "model.qk_norm": one_of((False, True)),
     "data.num_classes": POSITIVE, "data.latent_scale": number(0, 1e3, low_open=True),
     "data.source": one_of(("synthetic", "features")),

@@ -11,9 +11,10 @@ from flax import nnx
 from configs import tiny
 from repa_jax.convert.sit import convert_state_dict
 from repa_jax.models.layers import Attention, RMSNorm, SwiGLU, apply_rope, rope_2d_angles
+from repa_jax.models.repa_sit import build_model
 from repa_jax.models.sit import SiT
 from repa_jax.objectives.flow import velocity_direction_loss
-from repa_jax.specs.model import spec_from_name
+from repa_jax.specs.model import model_spec, spec_from_name
 from repa_jax.train.loop import train
 from tests.test_train_step import run
 
@@ -101,9 +102,10 @@ def test_rope_matches_numpy_and_scores_depend_on_relative_position_only():
   assert not np.isclose(scores[0, 1], scores[0, 4], rtol=1e-3)  # different offsets, different scores
 
 
+@pytest.mark.parametrize("implementation", ["einsum", "xla"])
 @pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
-def test_qk_norm_attention_matches_numpy(kind):
-  attn = Attention(8, 2, nnx.Rngs(0), qk_norm=kind)
+def test_qk_norm_attention_matches_numpy(kind, implementation):
+  attn = Attention(8, 2, nnx.Rngs(0), qk_norm=kind, implementation=implementation)
   wq, bq = np.asarray(attn.qkv.kernel[...]), normal(24)
   attn.qkv.bias[...] = jnp.asarray(bq)
   x = normal(2, 6, 8)
@@ -118,6 +120,25 @@ def test_qk_norm_attention_matches_numpy(kind):
   weights /= weights.sum(-1, keepdims=True)
   out = np.einsum("bhqk,bkhd->bqhd", weights, v).reshape(2, 6, 8) @ np.asarray(attn.proj.kernel[...])
   np.testing.assert_allclose(attn(jnp.asarray(x)), out, rtol=1e-4, atol=1e-5)
+
+
+def test_dot_product_attention_gives_the_einsum_path_values_and_gradients():
+  """jax.nn.dot_product_attention ('xla') computes the written-out attention: the SiT's output and its gradient agree;
+  cuDNN's kernel is refused without a GPU."""
+  config = tiny.get_config("reg=none")
+  x, t, y = jnp.asarray(normal(2, 8, 8, 4)), jnp.asarray([0.2, 0.9]), jnp.asarray([1, 3])
+  outputs = {}
+  for implementation in ("einsum", "xla"):
+    config.model.attention = implementation
+    model = build_model(model_spec(config), jax.random.key(0)).sit
+    nnx.update(model, jax.tree.map(lambda p: p + 0.02, nnx.state(model, nnx.Param)))  # non-zero output layers
+    graphdef, params = nnx.split(model)
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, t, y)[0] ** 2)
+    outputs[implementation] = jax.value_and_grad(loss)(params)
+  chex.assert_trees_all_close(outputs["xla"], outputs["einsum"], rtol=1e-4, atol=1e-6)
+  if jax.default_backend() == "cpu":
+    with pytest.raises(Exception, match="(?i)cudnn|gpu|cuda"):
+      Attention(8, 2, nnx.Rngs(0), implementation="cudnn")(jnp.asarray(normal(1, 4, 8)))
 
 
 def numpy_velocity_direction_loss(a, b, eps=1e-8):

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from repa_jax.specs.model import ATTENTIONS
+
 xavier = nnx.initializers.xavier_uniform()
 normal_002 = nnx.initializers.normal(0.02)
 zeros = nnx.initializers.zeros_init()
@@ -114,12 +116,17 @@ class TimestepEmbedder(nnx.Module):
 class Attention(nnx.Module):
   """Multi-head self-attention with a qkv bias; logits and softmax in float32. [B, N, D] -> [B, N, D].
   qk_norm: None | 'layernorm' | 'rmsnorm', a learnable norm of each head's q and k (LightningDiT's use_qknorm);
-  rope_angles [N, Dh] (`rope_2d_angles`) rotates q and k after it."""
+  rope_angles [N, Dh] (`rope_2d_angles`) rotates q and k after it. implementation (ATTENTIONS): 'einsum' (two einsums
+  and a softmax, written out) or jax.nn.dot_product_attention's 'xla' / 'cudnn' (cuDNN's fused kernel, GPU only)."""
 
-  def __init__(self, width: int, num_heads: int, rngs: nnx.Rngs, *, dtype=jnp.float32, qk_norm: str | None = None):
+  def __init__(self, width: int, num_heads: int, rngs: nnx.Rngs, *, dtype=jnp.float32, qk_norm: str | None = None,
+               implementation: str = "einsum"):
     if width % num_heads:
       raise ValueError(f"model width {width} must be divisible by num_heads {num_heads}")
+    if implementation not in ATTENTIONS:
+      raise ValueError(f"config.model.attention={implementation!r}: use one of {ATTENTIONS}")
     self.num_heads = num_heads
+    self.implementation = implementation
     self.qkv = linear(width, 3 * width, rngs, dtype=dtype)
     self.proj = linear(width, width, rngs, dtype=dtype)
     head_norm = {None: lambda: None, "rmsnorm": lambda: RMSNorm(width // num_heads),
@@ -135,10 +142,13 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     if rope_angles is not None:
       q, k = apply_rope(q, rope_angles), apply_rope(k, rope_angles)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits * (d // self.num_heads) ** -0.5, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, d)
-    return self.proj(out)
+    if self.implementation == "einsum":
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+      weights = jax.nn.softmax(logits * (d // self.num_heads) ** -0.5, axis=-1).astype(v.dtype)
+      out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    return self.proj(out.reshape(b, n, d))
 
 
 class Mlp(nnx.Module):

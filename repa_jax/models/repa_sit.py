@@ -13,7 +13,7 @@ class RepaSiT(nnx.Module):
 
   def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
     dtype = spec.compute_dtype
-    self.sit = SiT(spec.sit, rngs, dtype=dtype, remat=spec.remat)
+    self.sit = SiT(spec.sit, rngs, dtype=dtype, remat=spec.remat, attention=spec.attention)
     def projector(z_dim: int):
       if spec.projector == "conv":
         return ConvProjector(spec.sit.width, z_dim, spec.sit.grid, rngs, kernel=spec.projector_kernel, dtype=dtype)
@@ -40,4 +40,5 @@ def abstract_params(spec: ModelSpec):
 
 def sit_graphdef(spec: ModelSpec) -> nnx.GraphDef:
   """The static structure of the SiT alone (sampling needs no projectors)."""
-  return nnx.graphdef(nnx.eval_shape(lambda: SiT(spec.sit, nnx.Rngs(0), dtype=spec.compute_dtype, remat=spec.remat)))
+  return nnx.graphdef(nnx.eval_shape(lambda: SiT(spec.sit, nnx.Rngs(0), dtype=spec.compute_dtype, remat=spec.remat,
+                                                 attention=spec.attention)))

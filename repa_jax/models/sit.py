@@ -32,10 +32,11 @@ class SiTBlock(nnx.Module):
   """norm -> modulate -> attention -> gated residual; norm -> modulate -> MLP -> gated residual. The switches of
   SiTSpec (norm, mlp, qk_norm; rope angles passed in) are LightningDiT's; their defaults give SiT's block."""
 
-  def __init__(self, spec: SiTSpec, rngs: nnx.Rngs, *, dtype=jnp.float32):
+  def __init__(self, spec: SiTSpec, rngs: nnx.Rngs, *, dtype=jnp.float32, attention: str = "einsum"):
     width, hidden = spec.width, int(spec.width * spec.mlp_ratio)
     self.norm1, self.norm2 = make_norm(spec.norm, width), make_norm(spec.norm, width)
-    self.attn = Attention(width, spec.num_heads, rngs, dtype=dtype, qk_norm=spec.norm if spec.qk_norm else None)
+    self.attn = Attention(width, spec.num_heads, rngs, dtype=dtype, qk_norm=spec.norm if spec.qk_norm else None,
+                          implementation=attention)
     # SwiGLU at 2/3 of the hidden width keeps the MLP's parameter count (LightningDiT: int(2/3 * hidden)).
     self.mlp = SwiGLU(width, int(2 / 3 * hidden), rngs, dtype=dtype) if spec.mlp == "swiglu" else \
         Mlp(width, hidden, rngs, dtype=dtype)
@@ -54,7 +55,8 @@ class SiT(nnx.Module):
   """Velocity model v(state_t, t, y). state: x [B, H, W, C] (NHWC) or (x, class token [B, E]) (REG), t: [B] in
   [0, 1], y: [B] int in [0, num_classes]."""
 
-  def __init__(self, spec: SiTSpec, rngs: nnx.Rngs, *, dtype=jnp.float32, remat: str = "none"):
+  def __init__(self, spec: SiTSpec, rngs: nnx.Rngs, *, dtype=jnp.float32, remat: str = "none",
+               attention: str = "einsum"):
     self.spec = spec
     self.dtype = dtype
     self.remat = remat
@@ -67,7 +69,7 @@ class SiT(nnx.Module):
     @nnx.split_rngs(splits=spec.depth)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make_blocks(rngs):
-      return SiTBlock(spec, rngs, dtype=dtype)
+      return SiTBlock(spec, rngs, dtype=dtype, attention=attention)
 
     # All blocks' parameters stacked on a leading [depth] axis; the forward pass scans over them, which keeps compile
     # time flat in depth and lets XLA keep the backward pass linear in depth.

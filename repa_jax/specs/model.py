@@ -10,6 +10,7 @@ PATCH_SIZES = (1, 2, 4, 8)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PROJECTORS = ("mlp", "conv")  # REPA's MLP per token, iREPA's convolution over the token grid
 REMAT = ("none", "dots", "full")  # what a SiT block saves for the backward pass (models.sit.REMAT_POLICIES)
+ATTENTIONS = ("einsum", "xla", "cudnn")  # the attention written out | jax.nn.dot_product_attention's implementations
 NORMS = ("layernorm", "rmsnorm")  # SiT's parameter-free LayerNorm | LightningDiT's RMSNorm (also the QK-norm's kind)
 MLPS = ("gelu", "swiglu")  # SiT's tanh-GELU MLP | LightningDiT's SwiGLU
 BLOCK_SWITCHES = ("norm", "mlp", "rope", "qk_norm")  # config.model fields -> the SiTSpec fields of the same name
@@ -53,14 +54,16 @@ class SiTSpec:
 class ModelSpec:
   """The trained model: the SiT, one REPA projector per aligned encoder (name, feature width) of kind `projector`
   (one of PROJECTORS; the MLP's hidden width projector_dim, the convolution's kernel projector_kernel), and
-  the compute dtype ('float32' | 'bfloat16') and the blocks' rematerialisation (one of REMAT; it changes what the
-  backward pass stores and recomputes, never a value). The projectors exist iff `encoders` is non-empty, whatever the
+  the compute dtype ('float32' | 'bfloat16'), the blocks' rematerialisation (one of REMAT; it changes what the
+  backward pass stores and recomputes, never a value) and the attention's implementation (one of ATTENTIONS;
+  the same function, computed another way). The projectors exist iff `encoders` is non-empty, whatever the
   loss weights: a weight only scales its term. `sra_head`: the model has SRA's head (config.sra.weight is not 0)."""
   sit: SiTSpec
   encoders: tuple[tuple[str, int], ...]
   projector_dim: int
   dtype: str = "float32"
   remat: str = "none"
+  attention: str = "einsum"
   projector: str = "mlp"
   projector_kernel: int = 1
   sra_head: bool = False
@@ -70,6 +73,8 @@ class ModelSpec:
       raise ValueError(f"config.model.dtype={self.dtype!r}: use one of {sorted(DTYPES)}")
     if self.remat not in REMAT:
       raise ValueError(f"config.model.remat={self.remat!r}: use one of {REMAT}")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"config.model.attention={self.attention!r}: use one of {ATTENTIONS}")
     if self.projector not in PROJECTORS:
       raise ValueError(f"config.align.projector={self.projector!r}: use one of {PROJECTORS}")
 
@@ -118,7 +123,7 @@ def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
   """The model of a config: its SiT, a projector for each of config.align.encoders, SRA's head if SRA is on."""
   return ModelSpec(sit=sit_spec(config), encoders=tuple((str(n), int(w)) for n, w in config.align.encoders),
                    projector_dim=config.align.projector_dim, dtype=config.model.dtype,
-                   remat=config.model.remat, projector=config.align.projector,
+                   remat=config.model.remat, attention=config.model.attention, projector=config.align.projector,
                    projector_kernel=config.align.projector_kernel, sra_head=bool(config.sra.weight))
 
 
