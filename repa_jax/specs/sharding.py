@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp")
@@ -37,22 +38,36 @@ def data_mesh(devices=None) -> Mesh:
   return make_mesh(AXES, (-1, 1), devices)
 
 
-def fsdp_spec(shape: Sequence[int], fsdp_size: int) -> P:
-  """Shard the largest axis divisible by the FSDP axis size; replicate small or indivisible arrays."""
-  if fsdp_size == 1 or math.prod(shape) < MIN_SHARDED_SIZE:
+def sharded_spec(shape: Sequence[int], axes: tuple[str, ...], size: int, skip: int = 0) -> P | None:
+  """Shard the largest axis (not among the first `skip`) divisible by `size` over the mesh axes `axes`; P() for a
+  small array (or size 1); None when no axis divides."""
+  if size == 1 or math.prod(shape) < MIN_SHARDED_SIZE:
     return P()
-  divisible = [i for i in np.argsort(shape)[::-1] if shape[i] % fsdp_size == 0]
+  divisible = [i for i in np.argsort(shape)[::-1] if i >= skip and shape[i] % size == 0]
   if not divisible:
-    return P()
+    return None
   spec = [None] * len(shape)
-  spec[divisible[0]] = FSDP_AXIS
+  spec[divisible[0]] = axes if len(axes) > 1 else axes[0]
   return P(*spec)
 
 
 def state_sharding(abstract_state, mesh: Mesh):
-  """NamedShardings for every leaf of a state pytree (parameters, optimizer moments, EMA) by its shape."""
-  fsdp_size = mesh.shape.get(FSDP_AXIS, 1)
-  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size)), abstract_state)
+  """NamedShardings for the train state {'step', 'params', 'opt_state', 'ema_params'} by each leaf's shape: the
+  parameters over 'fsdp' (FSDP), the optimizer moments and the EMA over every axis (ZeRO-1: on a data mesh each device
+  keeps 1 / devices of them; a step all-gathers the update). The stacked depth axis of the SiT blocks is never split.
+  A large array that no axis divides is replicated with a warning naming it (pick a mesh that divides it)."""
+  def leaf(path, x):
+    group = path[0].key if path else None
+    axes = (FSDP_AXIS,) if group == "params" else tuple(mesh.axis_names)
+    size = math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+    skip = 1 if any(getattr(p, "key", None) == "blocks" for p in path) else 0
+    spec = sharded_spec(x.shape, axes, size, skip)
+    if spec is None:
+      logging.warning("%s %s is replicated: none of its axes divides the %d devices of mesh axes %s",
+                      jax.tree_util.keystr(path), tuple(x.shape), size, axes)
+      spec = P()
+    return NamedSharding(mesh, spec)
+  return jax.tree_util.tree_map_with_path(leaf, abstract_state)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
