@@ -78,11 +78,18 @@ def run_config(arm: str, seed: int, steps: int, eval_every: int, disperse: tuple
   return config
 
 
+def by_step(evals: list[dict]) -> list[dict]:
+  """One evaluation per step, in step order (a resumed run re-evaluates the steps after its last checkpoint; the
+  runs are deterministic, so the repeats are equal)."""
+  return sorted({e["step"]: e for e in evals}.values(), key=lambda e: e["step"])
+
+
 def run(name: str, config) -> dict:
   """Trains one run (or reads its result.json): its evaluations, training wall time without them, load averages."""
   workdir = epath.Path(_WORKDIR.value) / name
   if (workdir / "result.json").exists():
-    return json.loads((workdir / "result.json").read_text())
+    result = json.loads((workdir / "result.json").read_text())
+    return {**result, "evals": by_step(result["evals"])}
   evaluate, eval_seconds = periodic_evaluator(config), []
 
   def timed(params):
@@ -96,7 +103,7 @@ def run(name: str, config) -> dict:
   if int(train(config, str(workdir), timed)["step"]) != config.train.steps:
     raise SystemExit(f"{name}: training stopped early (preempted); re-run to resume")
   train_s = time.time() - start - sum(eval_seconds)
-  evals = [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
+  evals = by_step([json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()])
   result = {"name": name, "evals": evals, "train_s": train_s, "s_per_step": train_s / config.train.steps,
             "load_before": load_before, "load_after": os.getloadavg()[0]}
   (workdir / "result.json").write_text(json.dumps(result))
