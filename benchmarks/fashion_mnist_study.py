@@ -271,6 +271,9 @@ def main(argv):
     return {**run(name, config), "representation": representation(name, config)}
 
   results = {arm: [run_and_probe(arm, seed) for seed in arm_seeds] for arm, arm_seeds in seeds.items()}
+  if "none" not in results:
+    print("runs done; the report compares every arm with 'none': run again with --arms=none,... to write it")
+    return
   text = report(results, disperse, budget)
   (root / "study.md").write_text(text + "\n")
   plot(results, root / "study.png", budget)
