@@ -244,7 +244,7 @@ def plot(results: dict[str, list[dict]], path: epath.Path, budget: int) -> None:
                 color=line.lines[0].get_color())
   ax.axvline(budget, color="grey", linewidth=0.5)
   ax.set(xlabel="training step (batch 32)", ylabel="FD (CNN features vs test split)", yscale="log",
-         title="SiT-S/4 on Fashion-MNIST, mean +- std over seeds (dotted: one seed past the budget)")
+         title="SiT-S/4 on Fashion-MNIST, mean +- std over seeds\n(dotted: one seed past the budget)")
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
