@@ -11,14 +11,12 @@ from flax import nnx
 from configs import tiny
 from repa_jax.models.repa_sit import build_model, model_graphdef
 from repa_jax.objectives import entanglement
-from repa_jax.objectives.flow import interpolate, sample_time
+from repa_jax.objectives.flow import interpolate
 from repa_jax.sample import samplers
-from repa_jax.specs import rng
 from repa_jax.specs.model import model_spec
-from repa_jax.train.step import drop_labels, sample_latents
 from repa_jax.validate import validate
 from tests.test_generate import images_on
-from tests.test_train_step import setup
+from tests.test_train_step import setup, step_inputs
 
 
 def path_reference(t: np.ndarray, path: str):
@@ -62,12 +60,8 @@ def test_step_terms_match_their_definitions():
   state, batch = jax.device_get(state), next(batches)
   _, metrics = step(jax.tree.map(jnp.asarray, state), batch)
 
-  step_key = jax.random.fold_in(rng.stream(config.seed, "train"), state["step"])
-  latent_key, drop_key, time_key, noise_key = jax.random.split(step_key, 4)
-  x = sample_latents(latent_key, batch, config.data.latent_scale)
-  y = drop_labels(drop_key, batch["label"], config.train.label_dropout, config.data.num_classes)
-  t = sample_time(time_key, x.shape[0], "uniform", "linear")
-  x_t = interpolate(x, jax.random.normal(noise_key, x.shape), t, "linear")[0]
+  step_key, x, y, t, noise = step_inputs(config, state["step"], batch)
+  x_t = interpolate(x, noise, t, "linear")[0]
   cls = np.asarray(batch["class_tokens"]["toy_encoder"], np.float64)
   cls_noise = np.asarray(jax.random.normal(jax.random.fold_in(step_key, 2), cls.shape), np.float64)
   t64 = np.asarray(t, np.float64)[:, None]

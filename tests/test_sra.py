@@ -10,12 +10,10 @@ from flax import nnx
 from configs import tiny
 from repa_jax.models.repa_sit import build_model, model_graphdef
 from repa_jax.objectives import self_alignment as sra
-from repa_jax.objectives.flow import interpolate, sample_time
-from repa_jax.specs import rng
+from repa_jax.objectives.flow import interpolate
 from repa_jax.specs.model import model_spec
-from repa_jax.train.step import drop_labels, sample_latents
 from repa_jax.validate import validate
-from tests.test_train_step import setup
+from tests.test_train_step import setup, step_inputs
 
 
 def smooth_l1_reference(x, beta):
@@ -102,12 +100,7 @@ def test_sra_term_is_the_head_on_the_student_against_the_ema_teacher():
   batch = next(batches)
   _, metrics = step(jax.tree.map(jnp.asarray, state), batch)
 
-  step_key = jax.random.fold_in(rng.stream(config.seed, "train"), state["step"])
-  latent_key, drop_key, time_key, noise_key = jax.random.split(step_key, 4)
-  x = sample_latents(latent_key, batch, config.data.latent_scale)
-  y = drop_labels(drop_key, batch["label"], config.train.label_dropout, config.data.num_classes)
-  t = sample_time(time_key, x.shape[0], "uniform", "linear")
-  noise = jax.random.normal(noise_key, x.shape)
+  step_key, x, y, t, noise = step_inputs(config, state["step"], batch)
   s = sra.teacher_time(jax.random.fold_in(step_key, 1), t, config.sra.max_time_gap)
   graphdef = model_graphdef(model_spec(config))
   online, ema = nnx.merge(graphdef, state["params"]), nnx.merge(graphdef, state["ema_params"])

@@ -10,10 +10,11 @@ from configs import fashion_mnist, tiny
 from repa_jax.config import REGULARIZERS
 from repa_jax.data.synthetic import SyntheticBatches
 from repa_jax.models.repa_sit import model_graphdef
-from repa_jax.specs import sharding
+from repa_jax.objectives.flow import sample_time
+from repa_jax.specs import rng, sharding
 from repa_jax.specs.model import model_spec
 from repa_jax.train.state import abstract_state, init_state, learning_rate_schedule, make_optimizer
-from repa_jax.train.step import drop_labels, jit_train_step, make_train_step
+from repa_jax.train.step import drop_labels, jit_train_step, make_train_step, sample_latents
 
 
 def setup(config, mesh_shape):
@@ -23,6 +24,17 @@ def setup(config, mesh_shape):
   shardings = sharding.state_sharding(abstract_state(config, tx), mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   return jit_train_step(config, mesh, shardings), init_state(config, tx, shardings), SyntheticBatches(config, batch_sharding)
+
+
+def step_inputs(config, step: int, batch: dict):
+  """(step key, x, dropped labels y, t, noise) that the train step draws at `step` (uniform times on the linear path),
+  redrawn here for tests that recompute a term from its definition."""
+  step_key = jax.random.fold_in(rng.stream(config.seed, "train"), step)
+  latent_key, drop_key, time_key, noise_key = jax.random.split(step_key, 4)
+  x = sample_latents(latent_key, batch, config.data.latent_scale)
+  y = drop_labels(drop_key, batch["label"], config.train.label_dropout, config.data.num_classes)
+  t = sample_time(time_key, x.shape[0], "uniform", "linear")
+  return step_key, x, y, t, jax.random.normal(noise_key, x.shape)
 
 
 def run(config, mesh_shape, steps):
