@@ -9,10 +9,11 @@ over seeds, FD against steps.
 Each run trains configs/fashion_mnist.py:reg=<arm> with --seeds' seed (init, data order, noise) for --steps (the
 budget: the main job's 1400) and evaluates its EMA model every --eval_every steps (in-training evaluation:
 --eval_samples class-balanced samples with EVAL_SAMPLER, scored by the project's CNN classifier against the test
-split, beside the real-data floor of as many real train images); the --long_seed's run of each arm continues to
+split, beside the real-data floor of as many real train images); the --long_seed's run of each of --arms continues to
 --long_factor x the budget (the learning rate is held constant after the warm-up, so its first budget is the budget's
-run; the main job ends with a cooldown, which would tie every run to its own length). At the budget's checkpoint each run's aligned block is probed (repa_jax.evaluate.representation: linear probe,
-CKNNA and mutual k-NN to the target encoder). The Dispersive Loss is first tuned for this scale (--disperse_grid:
+run; the main job ends with a cooldown, which would tie every run to its own length); --extra_arms stop at the budget.
+At the budget's checkpoint each run's aligned block is probed (repa_jax.evaluate.representation: linear probe, CKNNA
+and mutual k-NN to the target encoder; not for REG). The Dispersive Loss is first tuned for this scale (--disperse_grid:
 λ x τ of GRID on seed 0 for --grid_steps steps, scored once at the end); the arms 'disperse' and 'both' then use the
 grid's best. Results: <workdir>/study.md (mean +- std per arm and step, Welch's t-tests of each arm against none,
 steps to reach the FD that none reaches at the budget, wall time per step, the representation table, the long runs
@@ -110,9 +111,12 @@ def run(name: str, config) -> dict:
   return result
 
 
-def representation(name: str, config) -> dict:
+def representation(name: str, config) -> dict | None:
   """The representation metrics (repa_jax.evaluate.representation) of a run's EMA model at the budget, cached in
-  <run>/representation.json."""
+  <run>/representation.json; None for REG (its input carries the encoder's noised class token, so a probe of its
+  block would read the encoder)."""
+  if config.reg.weight:
+    return None
   path = epath.Path(_WORKDIR.value) / name / "representation.json"
   if not path.exists():
     params, _ = load_sit_ema(config, str(path.parent), sharding.make_mesh(config.mesh.axes, config.mesh.shape),
@@ -156,7 +160,7 @@ def welch(what: str, mine: np.ndarray, other: np.ndarray) -> str:
 def representation_table(results: dict[str, list[dict]], budget: int) -> list[str]:
   """Per arm at the budget: the linear probe of the block's mean-pooled tokens and its CKNNA / mutual k-NN to the
   target encoder at each probe t, mean +- std over seeds; the floors; Welch's tests of each arm against none."""
-  rep = {arm: [r["representation"] for r in runs] for arm, runs in results.items()}
+  rep = {arm: [r["representation"] for r in runs] for arm, runs in results.items() if runs[0]["representation"]}
   first = rep["none"][0]
   columns = [f"{kind}_t{t}" for kind in ("probe", "cknna", "mutual_knn") for t in PROBE_TIMES]
   titles = {"probe": "probe", "cknna": "CKNNA", "mutual_knn": "mutual k-NN"}
@@ -263,11 +267,11 @@ def main(argv):
            **{arm: _SEEDS.value[:_EXTRA_SEEDS.value] for arm in _EXTRA_ARMS.value}}
   budget = _STEPS.value
 
-  def steps(seed: str) -> int:
-    return budget * (_LONG_FACTOR.value if seed == _LONG_SEED.value else 1)
+  def steps(arm: str, seed: str) -> int:
+    return budget * (_LONG_FACTOR.value if arm in _ARMS.value and seed == _LONG_SEED.value else 1)
 
   def run_and_probe(arm: str, seed: str) -> dict:
-    name, config = f"{arm}_seed{seed}", run_config(arm, int(seed), steps(seed), _EVAL_EVERY.value, disperse)
+    name, config = f"{arm}_seed{seed}", run_config(arm, int(seed), steps(arm, seed), _EVAL_EVERY.value, disperse)
     return {**run(name, config), "representation": representation(name, config)}
 
   results = {arm: [run_and_probe(arm, seed) for seed in arm_seeds] for arm, arm_seeds in seeds.items()}
