@@ -13,7 +13,7 @@ from repa_jax.objectives.self_alignment import SRA_OBJECTIVES
 from repa_jax.sample.generate import LABEL_MODES
 from repa_jax.sample.samplers import SAMPLERS
 from repa_jax.specs.model import ATTENTIONS, DTYPES, MLPS, NORMS, PROJECTORS, REMAT
-from repa_jax.train.state import LR_SCHEDULES, OPTIMIZERS
+from repa_jax.train.state import LR_SCHEDULES, MOMENT_DTYPES, OPTIMIZERS
 
 Rule = Callable[[object], str | None]  # value -> what is allowed, if the value is not
 
@@ -70,7 +70,7 @@ RULES: dict[str, Rule] = {
     "train.steps": lambda value: POSITIVE(value) and f"{POSITIVE(value)} (0 steps: there is nothing to train)",
     "train.lr": number(0, 1, low_open=True),
     "train.lr_schedule": one_of(LR_SCHEDULES), "train.cooldown_fraction": number(0, 1, low_open=True),
-    "train.optimizer": one_of(OPTIMIZERS),
+    "train.optimizer": one_of(OPTIMIZERS), "train.moment_dtype": one_of(MOMENT_DTYPES),
     "train.muon_lr_scale": number(0, 100, low_open=True), "train.muon_beta": number(0, 1, high_open=True),
     "train.muon_ns_steps": number(1, 20, integer=True), "train.warmup_steps": COUNT,
     "train.b1": number(0, 1, high_open=True),

@@ -121,6 +121,30 @@ def test_unknown_learning_rate_schedule_is_refused():
     learning_rate_schedule(config)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_bfloat16_first_moments_hold_one_bfloat16_leaf_per_parameter_and_update_alike(optimizer):
+  config = tiny.get_config("reg=repa")
+  config.train.update(optimizer=optimizer, lr=1e-3, grad_clip=1e9)
+  params = abstract_state(config, make_optimizer(config))["params"]
+  params = jax.tree.map(lambda a: jnp.full(a.shape, 0.1, a.dtype), params)
+  rng = np.random.default_rng(0)
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(3)]
+  updates = {}
+  for dtype in ("float32", "bfloat16"):
+    config.train.moment_dtype = dtype
+    tx = make_optimizer(config)
+    state = tx.init(params)
+    counts = {d: sum(leaf.dtype == d for leaf in jax.tree.leaves(state)) for d in (jnp.bfloat16, jnp.float32)}
+    if dtype == "bfloat16":  # the first moment of each parameter; the second moments and counters stay as they were
+      assert counts[jnp.bfloat16] == len(jax.tree.leaves(params))
+    for g in grads:
+      update, state = tx.update(g, state, params)
+    updates[dtype] = update
+  for a, b in zip(jax.tree.leaves(updates["float32"]), jax.tree.leaves(updates["bfloat16"]), strict=True):
+    assert b.dtype == jnp.float32
+    assert np.linalg.norm(b - a) <= 0.02 * np.linalg.norm(a)  # bfloat16 keeps 8 mantissa bits: ~0.4% per moment
+
+
 def test_stop_steps_switch_the_terms_and_the_projector_updates_off():
   config = tiny.get_config("reg=both")
   config.align.stop_step, config.disperse.stop_step = 2, 3

@@ -12,6 +12,7 @@ from repa_jax.specs.model import model_spec
 
 LR_SCHEDULES = ("constant", "cosine", "cooldown")
 OPTIMIZERS = ("adamw", "muon")
+MOMENT_DTYPES = ("float32", "bfloat16")  # config.train.moment_dtype: of the first moments (the second stay float32)
 # Muon's update RMS: 0.2 x sqrt(max(fan_in, fan_out)) scaling makes it match AdamW's typical update RMS, so Muon runs
 # at AdamW's learning rate (Liu et al. 2025, "Muon is Scalable for LLM Training", section 2.2).
 MUON_RMS = 0.2
@@ -71,17 +72,20 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   - 'adamw' (REPA defaults: lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay);
   - 'muon': Muon (momentum muon_beta, Nesterov, muon_ns_steps Newton-Schulz steps, update RMS matched to AdamW's by
     MUON_RMS) on the matrices of `muon_dimensions` at muon_lr_scale x the schedule's learning rate, NAdamW (b1, b2,
-    eps) at the schedule's on every other parameter (optax.contrib.muon)."""
+    eps) at the schedule's on every other parameter (optax.contrib.muon).
+  The first moments (momentum) are stored in config.train.moment_dtype: bfloat16 halves their memory."""
   t = config.train
   if t.optimizer not in OPTIMIZERS:
     raise ValueError(f"config.train.optimizer={t.optimizer!r} is not one of {OPTIMIZERS}")
+  if t.moment_dtype not in MOMENT_DTYPES:
+    raise ValueError(f"config.train.moment_dtype={t.moment_dtype!r} is not one of {MOMENT_DTYPES}")
   lr = learning_rate_schedule(config)
   if t.optimizer == "adamw":
-    update = optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
+    update = optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mu_dtype=t.moment_dtype)
   else:
     update = contrib.muon(lambda step: t.muon_lr_scale * lr(step), beta=t.muon_beta, ns_steps=t.muon_ns_steps,
-                          eps=t.eps, weight_decay=t.weight_decay, consistent_rms=MUON_RMS, adam_learning_rate=lr,
-                          adam_b1=t.b1, adam_b2=t.b2, adam_weight_decay=t.weight_decay,
+                          eps=t.eps, mu_dtype=t.moment_dtype, weight_decay=t.weight_decay, consistent_rms=MUON_RMS,
+                          adam_learning_rate=lr, adam_b1=t.b1, adam_b2=t.b2, adam_weight_decay=t.weight_decay,
                           muon_weight_dimension_numbers=muon_dimensions)
   return optax.chain(optax.clip_by_global_norm(t.grad_clip), update)
 
