@@ -119,8 +119,7 @@ def representation(name: str, config) -> dict | None:
     return None
   path = epath.Path(_WORKDIR.value) / name / "representation.json"
   if not path.exists():
-    params, _ = load_sit_ema(config, str(path.parent), sharding.make_mesh(config.mesh.axes, config.mesh.shape),
-                             step=_STEPS.value)
+    params, _ = load_sit_ema(config, str(path.parent), sharding.config_mesh(config), step=_STEPS.value)
     path.write_text(json.dumps(representation_metrics(config, params)))
   return json.loads(path.read_text())
 

@@ -16,7 +16,7 @@ Step = Callable[[], None]  # one blocking train step
 
 def jax_step(config) -> Step:
   """One jitted repa_jax train step of `config` (data.source 'synthetic') on its first batch, blocking."""
-  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+  mesh = sharding.config_mesh(config)
   tx = make_optimizer(config)
   state_sharding = sharding.state_sharding(abstract_state(config, tx), mesh)
   batch = jax.block_until_ready(next(make_batches(config, sharding.batch_sharding(mesh))))

@@ -118,13 +118,15 @@ def collectives(hlo: str) -> dict[str, tuple[int, int]]:
   return {kind: tuple(value) for kind, value in found.items()}
 
 
-def compile_step(config, topology_name: str, chip_config_name: str | None = None) -> dict:
-  """AOT-compiles config's train step for a TPU topology: {devices, mesh, hbm_gib, peak_tflops, compile_s, memory
-  (CompiledMemoryStats), state_bytes, collectives, used_bytes, fits}."""
+def compile_step(config, topology_name: str, chip_config_name: str | None = None, num_slices: int = 1) -> dict:
+  """AOT-compiles config's train step for `num_slices` slices of a TPU topology (several: config.mesh.dcn_shape says
+  how the axes span them): {devices, mesh, hbm_gib, peak_tflops, compile_s, memory (CompiledMemoryStats),
+  state_bytes, collectives, used_bytes, fits}."""
   kwargs = {"chip_config_name": chip_config_name} if chip_config_name else {}
-  devices = topologies.get_topology_desc(topology_name=topology_name, platform="tpu", **kwargs).devices
+  devices = topologies.get_topology_desc(topology_name=topology_name, platform="tpu", num_slices=num_slices,
+                                         **kwargs).devices
   hbm_gib, peak_tflops = chip(topology_name)
-  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape, devices)
+  mesh = sharding.config_mesh(config, devices)
   tx = make_optimizer(config)
   abstract = abstract_state(config, tx)
   state_sharding = sharding.state_sharding(abstract, mesh)
@@ -145,7 +147,7 @@ def compile_step(config, topology_name: str, chip_config_name: str | None = None
 def main(argv):
   del argv
   config, topology, step_time = FLAGS.config, FLAGS.topology, FLAGS.step_time_s
-  r = compile_step(config, topology, FLAGS.chip_config_name)
+  r = compile_step(config, topology, FLAGS.chip_config_name, FLAGS.num_slices)
   chips, memory = len(r["devices"]), r["memory"]
   print(f"topology {topology}: {chips} chips of {r['hbm_gib']} GiB HBM; mesh {r['mesh']}; global batch "
         f"{config.train.batch_size}; compiled in {r['compile_s']:.1f} s")
@@ -168,6 +170,7 @@ def main(argv):
 if __name__ == "__main__":  # the flags only for the script, so that tests import the functions beside repa_jax.main's
   flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x2 (v5p-64), v6e:8x8, v4:2x2x4.")
   flags.DEFINE_string("chip_config_name", None, "libtpu chip config, e.g. 'megacore' for v4.")
+  flags.DEFINE_integer("num_slices", 1, "Slices of --topology (multi-slice: set --config.mesh.dcn_shape too).")
   flags.DEFINE_float("step_time_s", None, "A measured step time on that slice, for the MFU it means.")
   config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config.")
   app.run(main)

@@ -62,7 +62,7 @@ def main(argv):
         f"batch {batch_size} | devices {jax.devices()} | load average {os.getloadavg()}", flush=True)
 
   # As in repa_jax.train.loop.train: mesh, shardings, state, batches, jitted step with the same shardings/donation.
-  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+  mesh = sharding.config_mesh(config)
   sharding.check_batch_divisible(batch_size, mesh)
   tx = make_optimizer(config)
   abstract = abstract_state(config, tx)

@@ -58,7 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
                  b2=0.999, eps=1e-8, moment_dtype="float32", weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999,
                  ema_warmup=False, label_dropout=0.1, log_every=100, checkpoint_every=10_000, keep_checkpoints=3,
                  keep_every=placeholder(int), restore_step=placeholder(int), profile_steps=placeholder(tuple))
-  c.mesh = dict(axes=("data", "fsdp"), shape=(-1, 1))
+  # The device mesh (repa_jax/specs/sharding.py:make_mesh): shape per slice (one -1 allowed), laid out on the chips'
+  # topology; dcn_shape (None: one slice) the axes' factors across slices, e.g. (2, 1): data parallel over 2 slices.
+  c.mesh = dict(axes=("data", "fsdp"), shape=(-1, 1), dcn_shape=placeholder(tuple))
   # --mode=sample: sampler euler | heun | sde; labels uniform | balanced; checkpoint_step None = the newest;
   # decoder_weights: the sd-vae-ft-ema .safetensors that decodes VAE latents (unused for the identity autoencoder).
   c.sample = dict(sampler="sde", steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, num_samples=50_000,

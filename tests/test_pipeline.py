@@ -8,7 +8,7 @@ import pytest
 
 from configs import tiny
 from repa_jax.data import feature_writer, features
-from repa_jax.data.pipeline import FeatureBatches, process_batches
+from repa_jax.data.pipeline import FeatureBatches, process_batches, process_rows
 from repa_jax.specs.data import dataset_requirement
 from repa_jax.specs import sharding
 
@@ -47,17 +47,25 @@ def dataset(tmp_path_factory):
 
 
 
-def test_process_slices_are_disjoint_and_make_the_global_batch(dataset):
+@pytest.mark.parametrize("order", ["process", "interleaved"])
+def test_process_slices_are_disjoint_and_make_the_global_batch(dataset, order):
   _, source = dataset
   fields = {"id"}
-  whole = process_batches(source, seed=3, global_batch=8, process_index=0, process_count=1, fields=fields)
-  halves = [process_batches(source, seed=3, global_batch=8, process_index=p, process_count=2, fields=fields)
-            for p in range(2)]
+  devices = jax.devices()
+  # Two pretend processes of 4 devices each; the mesh lists them in process order or alternating (as a topology-aware
+  # mesh may), so that each process holds half of the batch's rows: contiguous, or every other one.
+  listed = devices if order == "process" else [devices[i // 2 + 4 * (i % 2)] for i in range(8)]
+  batch_sharding = sharding.batch_sharding(sharding.make_mesh(("data", "fsdp"), (8, 1), listed))
+  rows = [process_rows(batch_sharding, 8, devices[4 * p:4 * p + 4]) for p in range(2)]
+  assert rows[0].tolist() == ([0, 1, 2, 3] if order == "process" else [0, 2, 4, 6])
+  whole = process_batches(source, seed=3, global_batch=8, rows=process_rows(batch_sharding, 8), fields=fields)
+  halves = [process_batches(source, seed=3, global_batch=8, rows=rows[p], fields=fields) for p in range(2)]
   seen = []
   for b in range(5):  # one epoch = 40 records = 5 global batches
-    local = [halves[p][b]["id"].tolist() for p in range(2)]
-    assert not set(local[0]) & set(local[1])
-    assert local[0] + local[1] == whole[b]["id"].tolist()
+    placed = np.empty(8, int)  # the global batch as make_array_from_process_local_data assembles it
+    for p in range(2):
+      placed[rows[p]] = halves[p][b]["id"]
+    assert placed.tolist() == whole[b]["id"].tolist()
     seen += whole[b]["id"].tolist()
   assert sorted(seen) == list(range(NUM_EXAMPLES))  # every record exactly once per epoch
   second_epoch = sum((whole[b]["id"].tolist() for b in range(5, 10)), [])
@@ -66,8 +74,7 @@ def test_process_slices_are_disjoint_and_make_the_global_batch(dataset):
 
 def test_same_seed_same_batches_and_another_seed_differs(dataset):
   _, source = dataset
-  make = lambda seed: process_batches(source, seed=seed, global_batch=8, process_index=0, process_count=1,
-                                      fields={"id"})
+  make = lambda seed: process_batches(source, seed=seed, global_batch=8, rows=np.arange(8), fields={"id"})
   assert [make(1)[b]["id"].tolist() for b in range(3)] == [make(1)[b]["id"].tolist() for b in range(3)]
   assert make(1)[0]["id"].tolist() != make(2)[0]["id"].tolist()
 
@@ -91,7 +98,7 @@ def test_int8_features_are_dequantised_on_device(tmp_path):
   source = write_dataset(tmp_path / "toy_int8", config, quantize="int8")
   mesh = sharding.make_mesh(("data", "fsdp"), (1, 1), jax.devices()[:1])
   batch = jax.device_get(next(FeatureBatches(config, sharding.batch_sharding(mesh))))
-  stored = process_batches(source, seed=config.seed, global_batch=8, process_index=0, process_count=1,
+  stored = process_batches(source, seed=config.seed, global_batch=8, rows=np.arange(8),
                            fields={"feat_toy_encoder", "feat_toy_encoder_scale"})[0]
   assert stored["feat_toy_encoder"].dtype == np.int8
   np.testing.assert_allclose(batch["features"]["toy_encoder"],

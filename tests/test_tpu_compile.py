@@ -1,12 +1,13 @@
 """The TPU compile report (benchmarks/tpu_compile.py): its HLO collective count against a hand-written module, and
-the tiny config's train step AOT-compiled for a v5p slice (4 chips) on a data and an FSDP mesh (needs libtpu, the
-test extra's; skipped without it)."""
+the tiny config's train step AOT-compiled for a v5p slice (4 chips) on a data and an FSDP mesh, and for two slices
+(needs libtpu, the test extra's; skipped without it)."""
 import importlib.util
 
 import pytest
 
 from benchmarks import tpu_compile
 from configs import tiny
+from repa_jax.specs import sharding
 
 HLO = """HloModule m
 
@@ -52,3 +53,15 @@ def test_the_tiny_train_step_compiles_for_a_v5p_slice(mesh_shape):
   assert report["collectives"]["all-reduce"][0] >= 1  # the gradients' mean over the data-parallel devices
   if mesh_shape[1] > 1:
     assert report["collectives"]["all-gather"][0] >= 1  # FSDP gathers the sharded weights
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the tpu-compile / test extra) is not "
+                    "installed")
+def test_the_tiny_train_step_compiles_for_two_slices_with_the_data_axis_across_them():
+  config = tiny.get_config("reg=repa")
+  config.mesh.update(shape=(1, 4), dcn_shape=(2, 1))  # FSDP inside each slice, data parallel over the two
+  report = tpu_compile.compile_step(config, "v5p:2x2x1", num_slices=2)
+  assert len(report["devices"]) == 8 and report["mesh"] == {"data": 2, "fsdp": 4}
+  layout = sharding.config_mesh(config, report["devices"]).devices
+  assert [[device.slice_index for device in row] for row in layout] == [[0] * 4, [1] * 4]
+  assert report["fits"] and report["collectives"]["all-gather"][0] >= 1

@@ -1,8 +1,10 @@
 """The input pipeline: grain over a TFDS feature dataset -> global, sharded train batches.
 
 Global batch b is records [b * G, (b + 1) * G) of the seeded, per-epoch reshuffled, repeated dataset (G the global
-batch); process p reads only its contiguous slice [b * G + p * L, b * G + (p + 1) * L) (L = G / process count), so the
-global batch is the same whatever the number of processes. The iterator's state is one index, equal on every process.
+batch); a process reads only the rows b * G + r that its devices hold in the batch sharding (`process_rows`: the slice
+[p * L, (p + 1) * L) when the mesh lists devices in process order, L = G / process count; any rows under a
+topology-aware mesh), so the global batch is the same whatever the number of processes and the device order. The
+iterator's state is one index, equal on every process.
 """
 import grain
 import jax
@@ -35,15 +37,24 @@ def to_train_batch(records: dict, encoders: tuple[str, ...]) -> dict:
   return batch
 
 
-def process_batches(source, *, seed: int, global_batch: int, process_index: int, process_count: int,
-                    fields: set[str]) -> grain.MapDataset:
-  """This process's batches (dicts of stacked `fields`): batch b holds records [b*G + p*L, b*G + (p+1)*L) of the
-  shuffled, repeated source; G = global_batch, L = G / process_count, p = process_index."""
-  if global_batch % process_count:
-    raise ValueError(f"config.train.batch_size={global_batch} is not divisible by the {process_count} processes")
-  return (grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+def process_rows(sharding: NamedSharding, global_batch: int, devices=None) -> np.ndarray:
+  """[L] int, ascending: the rows of a global batch of `global_batch` that `devices` (default: this process's) hold
+  under `sharding`, i.e. the local batch that jax.make_array_from_process_local_data expects."""
+  devices = set(sharding.addressable_devices if devices is None else devices)
+  rows = np.arange(global_batch)
+  index_map = sharding.devices_indices_map((global_batch,))
+  return np.unique(np.concatenate([rows[index[0]] for device, index in index_map.items() if device in devices]))
+
+
+def process_batches(source, *, seed: int, global_batch: int, rows: np.ndarray, fields: set[str]) -> grain.MapDataset:
+  """This process's batches (dicts of stacked `fields`): batch b holds records b * G + rows of the shuffled, repeated
+  source (G = global_batch; rows [L] from `process_rows`)."""
+  records = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+  local = len(rows)
+  return (grain.MapDataset.range(len(records) // global_batch * local)
+          .map(lambda k: records[k // local * global_batch + int(rows[k % local])])
           .map(lambda record: {k: np.asarray(v) for k, v in record.items() if k in fields})
-          .batch(global_batch // process_count))[process_index::process_count]
+          .batch(local))
 
 
 class FeatureBatches:
@@ -58,7 +69,7 @@ class FeatureBatches:
     fields = {"label", "ae_pixels", "ae_mean", "ae_std"} | {f"feat_{n}" for n in self.encoders} | {
         f"feat_{n}_scale" for n in self.encoders} | {f"cls_{n}" for n in self.encoders if requirement.class_tokens}
     local = process_batches(source, seed=config.seed, global_batch=config.train.batch_size,
-                            process_index=jax.process_index(), process_count=jax.process_count(), fields=fields)
+                            rows=process_rows(sharding, config.train.batch_size), fields=fields)
     self._iterator = iter(local.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                                   prefetch_buffer_size=prefetch)))
     self._sharding = sharding

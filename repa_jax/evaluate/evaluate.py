@@ -207,7 +207,7 @@ def periodic_evaluator(config: ml_collections.ConfigDict):
   (floor_fid, floor_class_accuracy); no k-NN metrics. Samples on the training run's mesh (config.mesh)."""
   if config.evaluate.every_steps is None:
     return None
-  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+  mesh = sharding.config_mesh(config)
   features, info = feature_network(config)
   real = reference(config, features)
   e = config.evaluate

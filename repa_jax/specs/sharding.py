@@ -5,8 +5,10 @@ import math
 from collections.abc import Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp")
@@ -14,23 +16,47 @@ FSDP_AXIS = "fsdp"
 MIN_SHARDED_SIZE = 2**14  # arrays smaller than this (biases, norms, scalars) are replicated
 
 
-def make_mesh(axes: Sequence[str], shape: Sequence[int], devices=None) -> Mesh:
-  """A mesh over all devices; one entry of `shape` may be -1 to take the remaining devices."""
-  devices = jax.devices() if devices is None else devices
+def make_mesh(axes: Sequence[str], shape: Sequence[int], devices=None, dcn_shape: Sequence[int] | None = None) -> Mesh:
+  """A mesh over all devices (or `devices`), laid out on the chips' physical topology (mesh_utils); one entry of
+  `shape` may be -1 to take the remaining devices. `dcn_shape` (one entry per axis) spans several TPU slices: `shape`
+  is then each slice's mesh, and the mesh's axis i has shape[i] * dcn_shape[i] devices, dcn_shape[i] of them across
+  slices (over the data-centre network: put the data axis there)."""
+  devices = jax.devices() if devices is None else list(devices)
   if len(axes) != len(shape):
     raise ValueError(f"config.mesh.axes {tuple(axes)} and config.mesh.shape {tuple(shape)} differ in length")
+  slices = 1
+  if dcn_shape is not None:
+    if len(dcn_shape) != len(axes) or min(dcn_shape) < 1:
+      raise ValueError(f"config.mesh.dcn_shape {tuple(dcn_shape)}: give one positive entry per axis {tuple(axes)}")
+    slices = math.prod(dcn_shape)
+    if len(devices) % slices:
+      raise ValueError(f"config.mesh.dcn_shape {tuple(dcn_shape)}: {len(devices)} devices do not split into {slices} "
+                       "slices")
+  per_slice = len(devices) // slices
   shape = list(shape)
   if shape.count(-1) > 1:
     raise ValueError(f"config.mesh.shape {tuple(shape)}: at most one entry may be -1")
   if -1 in shape:
     known = math.prod(s for s in shape if s != -1)
-    if len(devices) % known:
-      raise ValueError(f"config.mesh.shape {tuple(shape)}: {len(devices)} devices are not divisible by {known}")
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
-    raise ValueError(f"config.mesh.shape {tuple(shape)} needs {math.prod(shape)} devices, but {len(devices)} exist: "
-                     f"set config.mesh.shape to multiply to {len(devices)} (or use -1 for one axis)")
-  return Mesh(np.asarray(devices).reshape(shape), tuple(axes))
+    if per_slice % known:
+      raise ValueError(f"config.mesh.shape {tuple(shape)}: {per_slice} devices are not divisible by {known}")
+    shape[shape.index(-1)] = per_slice // known
+  if math.prod(shape) != per_slice:
+    raise ValueError(f"config.mesh.shape {tuple(shape)} needs {math.prod(shape)} devices, but {per_slice} exist"
+                     f"{' per slice' if slices > 1 else ''}: set config.mesh.shape to multiply to {per_slice} (or "
+                     "use -1 for one axis)")
+  if dcn_shape is None:
+    return Mesh(mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True), tuple(axes))
+  if not all(hasattr(d, "slice_index") for d in devices):
+    raise ValueError(f"config.mesh.dcn_shape {tuple(dcn_shape)} needs TPU devices of several slices; these "
+                     f"{devices[0].platform} devices know no slice: set config.mesh.dcn_shape=None")
+  return Mesh(mesh_utils.create_hybrid_device_mesh(shape, dcn_shape, devices, allow_split_physical_axes=True),
+              tuple(axes))
+
+
+def config_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """The mesh of config.mesh (axes, shape, dcn_shape) over all devices (or `devices`)."""
+  return make_mesh(config.mesh.axes, config.mesh.shape, devices, config.mesh.dcn_shape)
 
 
 def data_mesh(devices=None) -> Mesh:

@@ -48,7 +48,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, evaluator: Evaluator 
   loss term. With config.train.profile_steps = (first, last), steps first..last (1-indexed) are traced by
   jax.profiler into <workdir>/profile (TensorBoard's profile plugin or Perfetto read it)."""
   # Mesh, shardings and the state: restored if a checkpoint exists (onto this mesh, whatever mesh wrote it), else new.
-  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+  mesh = sharding.config_mesh(config)
   sharding.check_batch_divisible(config.train.batch_size, mesh)
   tx = make_optimizer(config)
   abstract = abstract_state(config, tx)
