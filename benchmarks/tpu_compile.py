@@ -13,6 +13,7 @@ FLOPs per chip with the MFU that --step_time_s would mean. XLA's own cost analys
 not used. Last line: `SUMMARY topology=... chips=... hbm_gib=... argument_gib=... temp_gib=... fits=yes|no`.
 """
 import collections
+import math
 import os
 import re
 import sys
@@ -118,6 +119,21 @@ def collectives(hlo: str) -> dict[str, tuple[int, int]]:
   return {kind: tuple(value) for kind, value in found.items()}
 
 
+def ideal_collective_bytes(abstract, shardings) -> float:
+  """Per chip per step, in result-shape bytes (as `collectives` counts them), the least that FSDP + ZeRO-1 move: a
+  parameter sharded over s_p devices all-gathered twice (forward and backward, float32 as stored); its gradient
+  reduce-scattered onto its optimizer state's s_o shards (all-reduced when s_o = 1); the updated shard all-gathered
+  back to s_p shards when s_o > s_p."""
+  shards = lambda placed, shape: math.prod(shape) // math.prod(placed.shard_shape(shape))
+  total = 0.0
+  for leaf, param, ema in zip(jax.tree.leaves(abstract["params"]), jax.tree.leaves(shardings["params"]),
+                              jax.tree.leaves(shardings["ema_params"]), strict=True):
+    nbytes, s_p, s_o = leaf.size * leaf.dtype.itemsize, shards(param, leaf.shape), shards(ema, leaf.shape)
+    devices = param.mesh.size
+    total += (2 * nbytes if s_p > 1 else 0) + (nbytes / s_o if devices > 1 else 0) + (nbytes / s_p if s_o > s_p else 0)
+  return total
+
+
 def compile_step(config, topology_name: str, chip_config_name: str | None = None, num_slices: int = 1) -> dict:
   """AOT-compiles config's train step for `num_slices` slices of a TPU topology (several: config.mesh.dcn_shape says
   how the axes span them): {devices, mesh, hbm_gib, peak_tflops, compile_s, memory (CompiledMemoryStats),
@@ -141,7 +157,8 @@ def compile_step(config, topology_name: str, chip_config_name: str | None = None
   return {"devices": devices, "mesh": dict(mesh.shape), "hbm_gib": hbm_gib, "peak_tflops": peak_tflops,
           "compile_s": compile_s, "memory": memory,
           "state_bytes": sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract)),
-          "collectives": collectives(compiled.as_text()), "used_bytes": used, "fits": used <= hbm_gib * GIB}
+          "collectives": collectives(compiled.as_text()), "used_bytes": used, "fits": used <= hbm_gib * GIB,
+          "ideal_collective_bytes": ideal_collective_bytes(abstract, state_sharding)}
 
 
 def main(argv):
@@ -157,6 +174,9 @@ def main(argv):
         f"{size(memory.generated_code_size_in_bytes)}")
   for kind, (count, nbytes) in sorted(r["collectives"].items()):
     print(f"collective {kind}: {count} per step, {size(nbytes)} per chip per step (result shapes)")
+  moved, ideal = sum(nbytes for _, nbytes in r["collectives"].values()), r["ideal_collective_bytes"]
+  print(f"collectives in all: {size(moved)} per chip per step; the FSDP ideal (weights gathered forward and backward, "
+        f"gradients reduce-scattered once, ZeRO-1's update gathered): {size(ideal)}" + (f", {moved / ideal:.2f}x" if ideal else ""))
   flops, peak = analytic_flops(config)["total"] / chips, r["peak_tflops"] * 1e12
   mfu = f", MFU {flops / step_time / peak:.1%} at {step_time} s/step" if step_time else ""
   print(f"analytic FLOPs per chip per step: {flops / 1e12:.3f} TFLOP ({flops / peak * 1e3:.1f} ms at the chip's "

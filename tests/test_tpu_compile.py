@@ -53,6 +53,8 @@ def test_the_tiny_train_step_compiles_for_a_v5p_slice(mesh_shape):
   assert report["collectives"]["all-reduce"][0] >= 1  # the gradients' mean over the data-parallel devices
   if mesh_shape[1] > 1:
     assert report["collectives"]["all-gather"][0] >= 1  # FSDP gathers the sharded weights
+  moved = sum(nbytes for _, nbytes in report["collectives"].values())
+  assert report["ideal_collective_bytes"] <= moved <= 1.5 * report["ideal_collective_bytes"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the tpu-compile / test extra) is not "
