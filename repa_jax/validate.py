@@ -116,6 +116,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if profile is not None and not (len(profile) == 2 and all(POSITIVE(s) is None for s in profile)
                                   and profile[0] <= profile[1]):
     problems.append(f"config.train.profile_steps={profile!r}: use (first, last) steps with 1 <= first <= last")
+  dcn = config.mesh.dcn_shape
+  if dcn is not None and not (len(dcn) == len(config.mesh.axes) and all(POSITIVE(s) is None for s in dcn)):
+    problems.append(f"config.mesh.dcn_shape={dcn!r}: use None (one slice) or one positive integer per axis of "
+                    f"{tuple(config.mesh.axes)}")
   if config.reg.weight and not (config.align.weight and config.align.encoders):
     problems.append(f"config.reg.weight={config.reg.weight} needs REPA (config.align.weight and encoders): REG's class "
                     "token comes from the aligned encoder and joins its target; use the preset reg=reg")

@@ -41,12 +41,12 @@ def numeric_fields():
   config = tiny.get_config()
   found = {}
   for field, value in fields(config):
-    if isinstance(value, bool) or field in ("disperse.blocks", "train.profile_steps"):
+    if isinstance(value, bool) or field in ("disperse.blocks", "train.profile_steps", "mesh.dcn_shape"):
       continue
     if isinstance(value, (int, float)):
       found[field] = type(value)
     elif value is None:
-      found[field] = int  # every None placeholder but the tuples disperse.blocks and train.profile_steps holds an int
+      found[field] = int  # every None placeholder but the tuples (blocks, profile_steps, dcn_shape) holds an int
   return found
 
 
@@ -101,6 +101,16 @@ def test_an_empty_guidance_interval_is_refused():
   config.sample.update(guidance_low=0.7, guidance_high=0.3)
   with pytest.raises(ValueError, match="guidance_low=0.7 >= guidance_high=0.3"):
     validate(config)
+
+
+@pytest.mark.parametrize("dcn_shape", [(2,), (2, 0), (2, -1)])
+def test_a_bad_multi_slice_shape_is_refused(dcn_shape):
+  config = tiny.get_config()
+  config.mesh.dcn_shape = dcn_shape
+  with pytest.raises(ValueError, match=r"config.mesh.dcn_shape=.*one positive integer per axis"):
+    validate(config)
+  config.mesh.dcn_shape = (2, 1)
+  validate(config)
 
 
 @pytest.mark.parametrize("config", [
