@@ -125,12 +125,14 @@ def ideal_collective_bytes(abstract, shardings) -> float:
   reduce-scattered onto its optimizer state's s_o shards (all-reduced when s_o = 1); the updated shard all-gathered
   back to s_p shards when s_o > s_p."""
   shards = lambda placed, shape: math.prod(shape) // math.prod(placed.shard_shape(shape))
+  several_devices = jax.tree.leaves(shardings["params"])[0].mesh.size > 1
   total = 0.0
   for leaf, param, ema in zip(jax.tree.leaves(abstract["params"]), jax.tree.leaves(shardings["params"]),
                               jax.tree.leaves(shardings["ema_params"]), strict=True):
     nbytes, s_p, s_o = leaf.size * leaf.dtype.itemsize, shards(param, leaf.shape), shards(ema, leaf.shape)
-    devices = param.mesh.size
-    total += (2 * nbytes if s_p > 1 else 0) + (nbytes / s_o if devices > 1 else 0) + (nbytes / s_p if s_o > s_p else 0)
+    gathers = 2 * nbytes if s_p > 1 else 0
+    reduction = nbytes / s_o if several_devices else 0
+    total += gathers + reduction + (nbytes / s_p if s_o > s_p else 0)
   return total
 
 
@@ -175,8 +177,9 @@ def main(argv):
   for kind, (count, nbytes) in sorted(r["collectives"].items()):
     print(f"collective {kind}: {count} per step, {size(nbytes)} per chip per step (result shapes)")
   moved, ideal = sum(nbytes for _, nbytes in r["collectives"].values()), r["ideal_collective_bytes"]
+  ratio = f", {moved / ideal:.2f}x" if ideal else ""
   print(f"collectives in all: {size(moved)} per chip per step; the FSDP ideal (weights gathered forward and backward, "
-        f"gradients reduce-scattered once, ZeRO-1's update gathered): {size(ideal)}" + (f", {moved / ideal:.2f}x" if ideal else ""))
+        f"gradients reduce-scattered once, ZeRO-1's update gathered): {size(ideal)}{ratio}")
   flops, peak = analytic_flops(config)["total"] / chips, r["peak_tflops"] * 1e12
   mfu = f", MFU {flops / step_time / peak:.1%} at {step_time} s/step" if step_time else ""
   print(f"analytic FLOPs per chip per step: {flops / 1e12:.3f} TFLOP ({flops / peak * 1e3:.1f} ms at the chip's "
