@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from repa_jax.models import supervised as encoder
-from repa_jax.models.cnn import CNN, CNNSpec
+from repa_jax.models.cnn import CNN, CNNSpec, max_pool_2x2
 from tests.test_vit_encoder import generated_images
 
 TINY_CNN = encoder.EncoderConfig(arch="cnn", stage_channels=(4, 8, 8), steps=30, batch=32, lr=3e-3, warmup_steps=2)
@@ -53,6 +53,16 @@ def test_forward_equals_numpy_reference(convs_per_stage):
   np.testing.assert_allclose(out["patch_tokens"], tokens, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out["pooled"], pooled, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out["logits"], logits, rtol=1e-4, atol=1e-5)
+
+
+def test_max_pool_and_its_gradient_equal_reduce_windows():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 6, 3))  # no ties
+  weights = jax.random.normal(jax.random.key(1), (2, 4, 3, 3))
+  pools = {"reshape": max_pool_2x2, "reduce_window": lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))}
+  values = {name: pool(x) for name, pool in pools.items()}
+  grads = {name: jax.grad(lambda x: (weights * pool(x)).sum())(x) for name, pool in pools.items()}
+  np.testing.assert_array_equal(values["reshape"], values["reduce_window"])
+  np.testing.assert_array_equal(grads["reshape"], grads["reduce_window"])
 
 
 def test_bad_specs_and_inputs_name_the_field():

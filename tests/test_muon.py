@@ -1,4 +1,5 @@
-"""Muon (config.train.optimizer='muon'): which parameters it orthogonalises, and its update against NumPy."""
+"""Muon (config.train.optimizer='muon'): which parameters it orthogonalises, its Gram-space Newton-Schulz iteration and
+its update against NumPy."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,29 +10,27 @@ from configs import tiny
 from repa_jax.models.repa_sit import abstract_params
 from repa_jax.specs.model import model_spec
 from repa_jax.train.loop import train
-from repa_jax.train.state import MUON_RMS, make_optimizer, muon_dimensions
+from repa_jax.train.muon import NS_COEFFS, orthogonalize
+from repa_jax.train.state import MUON_RMS, make_optimizer, muon_batch_axes
 
-NS_COEFFS = (3.4445, -4.775, 2.0315)  # Jordan et al.'s quintic Newton-Schulz iteration
-
-
-def leaf_dimensions(config):
-  """{'sit/blocks/mlp/fc1/kernel': (reduction axes, output axes) or None} for every parameter of the config."""
-  dims = muon_dimensions(abstract_params(model_spec(config)))
-  flat = jax.tree_util.tree_flatten_with_path(dims, is_leaf=lambda x: x is None or hasattr(x, "reduction_axis"))[0]
+def leaf_batch_axes(config):
+  """{'sit/blocks/mlp/fc1/kernel': leading batch axes or None} for every parameter of the config."""
+  axes = muon_batch_axes(abstract_params(model_spec(config)))
+  flat = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: x is None)[0]
   name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path if hasattr(k, "key"))
-  return {name(path): None if d is None else (tuple(d.reduction_axis), d.output_axis) for path, d in flat}
+  return {name(path): a for path, a in flat}
 
 
 def test_muon_takes_the_hidden_matrices_and_leaves_the_rest_to_adamw():
-  dims = leaf_dimensions(tiny.get_config("reg=repa"))
-  assert dims["sit/blocks/mlp/fc1/kernel"] == ((1,), 2)  # [depth, in, out]: one matrix per block
-  assert dims["sit/blocks/ada_ln/kernel"] == ((1,), 2)
-  assert dims["sit/t_embed/fc1/kernel"] == ((0,), 1)
-  assert dims["projectors/toy_encoder/fc2/kernel"] == ((0,), 1)
+  axes = leaf_batch_axes(tiny.get_config("reg=repa"))
+  assert axes["sit/blocks/mlp/fc1/kernel"] == 1  # [depth, in, out]: one matrix per block
+  assert axes["sit/blocks/ada_ln/kernel"] == 1
+  assert axes["sit/t_embed/fc1/kernel"] == 0
+  assert axes["projectors/toy_encoder/fc2/kernel"] == 0
   for adamw in ("sit/patch_embed/kernel", "sit/final_linear/kernel", "sit/blocks/mlp/fc1/bias", "sit/y_embed/embedding",
                 "sit/final_ada_ln/bias"):
-    assert dims[adamw] is None, adamw
-  assert leaf_dimensions(tiny.get_config("reg=irepa"))["projectors/toy_encoder/conv/kernel"] == ((0, 1, 2), 3)
+    assert axes[adamw] is None, adamw
+  assert leaf_batch_axes(tiny.get_config("reg=irepa"))["projectors/toy_encoder/conv/kernel"] == 0  # [kh * kw * in, out]
 
 
 def numpy_orthogonalise(g, steps, eps=1e-8):
@@ -54,6 +53,18 @@ def numpy_muon(grads, lr, beta, steps):
     scale = MUON_RMS * np.sqrt(max(g.shape[1:]))
     deltas.append(-lr * scale * np.stack([numpy_orthogonalise(m, steps) for m in nesterov]))
   return deltas
+
+
+@pytest.mark.parametrize("steps", [0, 1, 5])
+@pytest.mark.parametrize("shape", [(3, 8, 24), (24, 8), (16, 16)])
+def test_gram_space_iteration_matches_the_written_out_one(shape, steps):
+  rng = np.random.default_rng(1)
+  u, _ = np.linalg.qr(rng.normal(size=(shape[-2], shape[-2])))
+  x = rng.normal(size=shape)
+  x[..., :, :] = u[:, :] @ (np.geomspace(1, 1e-4, shape[-2])[:, None] * x)  # singular values over 4 decades
+  got = np.asarray(orthogonalize(jnp.asarray(x, jnp.float32), steps))
+  want = np.stack([numpy_orthogonalise(m, steps) for m in x.reshape(-1, *shape[-2:])]).reshape(shape)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("ns_steps", [3, 5])

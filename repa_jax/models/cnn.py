@@ -44,6 +44,13 @@ class CNNSpec:
     return self.grid[0] * self.grid[1]
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, H / 2, W / 2, C], the max of each 2x2 window: a reshape and a max, whose gradient XLA:CPU
+  runs ~2x faster than reduce_window's select-and-scatter (the same values; the same gradient but at ties)."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class CNN(nnx.Module):
   """images float [B, H, W, C] -> {'patch_tokens': [B, h * w, width] the last stage's ReLU features as tokens,
   'pooled': [B, hidden] the penultimate ReLU layer on the flattened tokens, 'logits': [B, num_classes] a linear head on
@@ -66,7 +73,7 @@ class CNN(nnx.Module):
     x = images.astype(jnp.float32)
     for i, conv in enumerate(self.convs):
       if i and i % self.spec.convs_per_stage == 0:
-        x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
       x = nnx.relu(conv(x))
     tokens = x.reshape(b, -1, self.spec.width)
     pooled = nnx.relu(self.hidden(tokens.reshape(b, -1)))

@@ -4,11 +4,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
-from optax import contrib
 
 from repa_jax.models.repa_sit import build_model
 from repa_jax.specs import rng
 from repa_jax.specs.model import model_spec
+from repa_jax.train import muon
 
 LR_SCHEDULES = ("constant", "cosine", "cooldown")
 OPTIMIZERS = ("adamw", "muon")
@@ -52,27 +52,26 @@ def ema_decay_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return lambda step: jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def muon_dimensions(params):
-  """For each parameter leaf: the MuonDimensionNumbers of a weight Muon orthogonalises, or None (AdamW's).
+def muon_batch_axes(params):
+  """For each parameter leaf: the number of leading batch axes of a weight Muon orthogonalises, or None (AdamW's).
 
   Muon's: every 'kernel' (a linear [in, out] or convolution [kh, kw, in, out]) but those of MUON_EXCLUDED, as a
   matrix [everything but the last axis, the last axis]; under sit.blocks the leading [depth] axis is a batch of
-  matrices. AdamW's: biases, embeddings, the first and the last layer."""
-  def dimensions(path, leaf):
+  matrices (1). AdamW's: biases, embeddings, the first and the last layer."""
+  def batch_axes(path, leaf):
     names = [str(getattr(key, "key", getattr(key, "name", ""))) for key in path]
     if "kernel" not in names or any(name in names for name in MUON_EXCLUDED):
       return None
-    first = 1 if STACKED in names else 0
-    return contrib.MuonDimensionNumbers(reduction_axis=tuple(range(first, leaf.ndim - 1)), output_axis=leaf.ndim - 1)
-  return jax.tree_util.tree_map_with_path(dimensions, params)
+    return 1 if STACKED in names else 0
+  return jax.tree_util.tree_map_with_path(batch_axes, params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Grad-norm clipping, then config.train.optimizer:
   - 'adamw' (REPA defaults: lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay);
   - 'muon': Muon (momentum muon_beta, Nesterov, muon_ns_steps Newton-Schulz steps, update RMS matched to AdamW's by
-    MUON_RMS) on the matrices of `muon_dimensions` at muon_lr_scale x the schedule's learning rate, NAdamW (b1, b2,
-    eps) at the schedule's on every other parameter (optax.contrib.muon).
+    MUON_RMS; `train.muon`) on the matrices of `muon_batch_axes` at muon_lr_scale x the schedule's learning rate,
+    NAdamW (b1, b2, eps) at the schedule's on every other parameter.
   The first moments (momentum) are stored in config.train.moment_dtype: bfloat16 halves their memory."""
   t = config.train
   if t.optimizer not in OPTIMIZERS:
@@ -83,10 +82,16 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   if t.optimizer == "adamw":
     update = optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mu_dtype=t.moment_dtype)
   else:
-    update = contrib.muon(lambda step: t.muon_lr_scale * lr(step), beta=t.muon_beta, ns_steps=t.muon_ns_steps,
-                          eps=t.eps, mu_dtype=t.moment_dtype, weight_decay=t.weight_decay, consistent_rms=MUON_RMS,
-                          adam_learning_rate=lr, adam_b1=t.b1, adam_b2=t.b2, adam_weight_decay=t.weight_decay,
-                          muon_weight_dimension_numbers=muon_dimensions)
+    labels = lambda params: jax.tree.map(lambda axes: "adamw" if axes is None else "muon", muon_batch_axes(params),
+                                         is_leaf=lambda axes: axes is None)
+    update = optax.partition({
+        "muon": optax.chain(
+            muon.scale_by_muon(muon_batch_axes, beta=t.muon_beta, steps=t.muon_ns_steps, rms=MUON_RMS, eps=t.eps,
+                               mu_dtype=t.moment_dtype),
+            optax.add_decayed_weights(t.weight_decay),
+            optax.scale_by_learning_rate(lambda step: t.muon_lr_scale * lr(step))),
+        "adamw": optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mu_dtype=t.moment_dtype,
+                             nesterov=True)}, labels)
   return optax.chain(optax.clip_by_global_norm(t.grad_clip), update)
 
 
