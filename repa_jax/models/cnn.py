@@ -44,11 +44,30 @@ class CNNSpec:
     return self.grid[0] * self.grid[1]
 
 
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """[B, H, W, C] -> [B, H / 2, W / 2, C], the max of each 2x2 window: a reshape and a max, whose gradient XLA:CPU
-  runs ~2x faster than reduce_window's select-and-scatter (the same values; the same gradient but at ties)."""
+def _windows(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, H / 2, W / 2, C, 4]: each 2x2 window's values in raster order."""
   b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(b, h // 2, w // 2, c, 4)
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, H / 2, W / 2, C], the max of each 2x2 window, its gradient to the window's first maximum: the
+  values and gradient of reduce_window max-pooling (select-and-scatter), which XLA:CPU runs ~2x slower."""
+  return _windows(x).max(-1)
+
+
+def _max_pool_forward(x):
+  return max_pool_2x2(x), _windows(x).argmax(-1)
+
+
+def _max_pool_backward(first_max, g):
+  b, h, w, c = g.shape
+  routed = jax.nn.one_hot(first_max, 4, dtype=g.dtype) * g[..., None]  # [B, h, w, C, 4]
+  return (routed.reshape(b, h, w, c, 2, 2).transpose(0, 1, 4, 2, 5, 3).reshape(b, 2 * h, 2 * w, c),)
+
+
+max_pool_2x2.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 class CNN(nnx.Module):
