@@ -7,7 +7,7 @@ over seeds, FD against steps.
   python benchmarks/fashion_mnist_study.py --workdir=workdir/study --arms=none,repa  # or some arms first
 
 Each run trains configs/fashion_mnist.py:reg=<arm> with --seeds' seed (init, data order, noise) for --steps (the
-budget: the main job's 1400) and evaluates its EMA model every --eval_every steps (in-training evaluation:
+budget: 1400, the main job's when the study ran) and evaluates its EMA model every --eval_every steps (in-training evaluation:
 --eval_samples class-balanced samples with EVAL_SAMPLER, scored by the project's CNN classifier against the test
 split, beside the real-data floor of as many real train images); the --long_seed's run of each of --arms continues to
 --long_factor x the budget (the learning rate is held constant after the warm-up, so its first budget is the budget's
@@ -48,7 +48,7 @@ ARMS = ("none", "repa", "disperse", "both")  # over --seeds; --extra_arms (other
 EVAL_SAMPLER = {"sampler": "euler", "steps": 25, "cfg_scale": 2.0, "guidance_low": 0.0, "guidance_high": 1.0}
 GRID = tuple((weight, temperature) for weight in (0.1, 0.25, 0.5) for temperature in (0.5, 1.0))
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/study", "Where each run and the results go.")
-_STEPS = flags.DEFINE_integer("steps", 1400, "Training steps of every run (the budget; default: the main job's).")
+_STEPS = flags.DEFINE_integer("steps", 1400, "Training steps of every run (the budget; default: the main job's when the study ran).")
 _GRID_STEPS = flags.DEFINE_integer("grid_steps", 700, "Training steps of each Dispersive grid run.")
 _ARMS = flags.DEFINE_list("arms", list(ARMS), "The arms to run and report (of ARMS).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every arm.")
