@@ -2,7 +2,7 @@
 
   pip install -e ".[tpu-compile]"   # libtpu, the TPU compiler (212 MB)
   python benchmarks/tpu_compile.py --topology=v5p:4x4x2 --config=configs/imagenet.py:model=XL/2,reg=repa,res=256 \\
-      --config.train.batch_size=256 --config.mesh.shape='(1,32)'
+      --config.train.batch_size=256 --config.mesh.shape='(1,32)' [--async_collectives]
 
 `jax.experimental.topologies.get_topology_desc` gives the devices of the slice; the step that `train()` runs
 (`train/step.py:jit_train_step`, with the state and batch shardings of `specs/sharding.py` over those devices) is
@@ -30,6 +30,7 @@ from ml_collections import config_flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from benchmarks.flops import analytic_flops  # noqa: E402
+from launch.tpu import ASYNC_COLLECTIVE_FLAGS  # noqa: E402
 from repa_jax.specs import sharding  # noqa: E402
 from repa_jax.specs.model import aligned_encoders, sit_spec  # noqa: E402
 from repa_jax.train.state import abstract_state, make_optimizer  # noqa: E402
@@ -166,6 +167,9 @@ def compile_step(config, topology_name: str, chip_config_name: str | None = None
 def main(argv):
   del argv
   config, topology, step_time = FLAGS.config, FLAGS.topology, FLAGS.step_time_s
+  if FLAGS.async_collectives:  # read by libtpu when it loads, at the first topology query below
+    os.environ["LIBTPU_INIT_ARGS"] = f"{os.environ.get('LIBTPU_INIT_ARGS', '')} {ASYNC_COLLECTIVE_FLAGS}".strip()
+  print(f"LIBTPU_INIT_ARGS={os.environ.get('LIBTPU_INIT_ARGS', '')!r}")
   r = compile_step(config, topology, FLAGS.chip_config_name, FLAGS.num_slices)
   chips, memory = len(r["devices"]), r["memory"]
   print(f"topology {topology}: {chips} chips of {r['hbm_gib']} GiB HBM; mesh {r['mesh']}; global batch "
@@ -195,5 +199,7 @@ if __name__ == "__main__":  # the flags only for the script, so that tests impor
   flags.DEFINE_string("chip_config_name", None, "libtpu chip config, e.g. 'megacore' for v4.")
   flags.DEFINE_integer("num_slices", 1, "Slices of --topology (multi-slice: set --config.mesh.dcn_shape too).")
   flags.DEFINE_float("step_time_s", None, "A measured step time on that slice, for the MFU it means.")
+  flags.DEFINE_bool("async_collectives", False, "Compile with launch/tpu.py's ASYNC_COLLECTIVE_FLAGS in "
+                    "LIBTPU_INIT_ARGS, as `launch/tpu.py run` starts the job.")
   config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config.")
   app.run(main)

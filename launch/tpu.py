@@ -31,6 +31,14 @@ REMOTE_TARBALL = "repa_jax.tar.gz"
 # Queued-resource states (`state.state`) after which the slice's VMs are gone and must be re-created.
 LOST_STATES = ("SUSPENDED", "FAILED")
 POLL_SECONDS_RANGE = (10, 3600)
+# libtpu's flags for the run (LIBTPU_INIT_ARGS): collectives asynchronous and fused with the compute around them, so
+# FSDP's all-gathers and reduce-scatters overlap the layers' matmuls (the set MaxText's TPU recipes export). Compiled
+# with and without by benchmarks/tpu_compile.py --libtpu_args (launch/README.md).
+ASYNC_COLLECTIVE_FLAGS = (
+    "--xla_tpu_enable_data_parallel_all_reduce_opt=true --xla_tpu_data_parallel_opt_different_sized_ops=true "
+    "--xla_tpu_enable_async_collective_fusion=true --xla_tpu_enable_async_collective_fusion_fuse_all_gather=true "
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true --xla_tpu_overlap_compute_collective_tc=true "
+    "--xla_enable_async_all_gather=true")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -106,10 +114,13 @@ def log_file(mode: str) -> str:
 
 
 def run_commands(args: argparse.Namespace) -> list[list[str]]:
-  """One ssh to all workers that starts the same training command on each, in the background under nohup. The whole
-  subshell's output goes to the log file: a background job holding ssh's stdout would keep ssh open until it ends."""
+  """One ssh to all workers that starts the same training command on each, in the background under nohup, with
+  LIBTPU_INIT_ARGS=--libtpu_args. The whole subshell's output goes to the log file: a background job holding ssh's
+  stdout would keep ssh open until it ends."""
   job = f"{REMOTE_VENV}/bin/python {shlex.join(training_command(args))}"
-  return [ssh_command(args, "all", f"(cd {REMOTE_DIR} && exec nohup {job}) > {log_file(args.mode)} 2>&1 < /dev/null &")]
+  env = f"export LIBTPU_INIT_ARGS={shlex.quote(args.libtpu_args)} && " if args.libtpu_args else ""
+  return [ssh_command(args, "all",
+                      f"(cd {REMOTE_DIR} && {env}exec nohup {job}) > {log_file(args.mode)} 2>&1 < /dev/null &")]
 
 
 def logs_commands(args: argparse.Namespace) -> list[list[str]]:
@@ -167,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
   job.add_argument("--config", default=DEFAULT_CONFIG, help="repa_jax config, relative to the repository")
   job.add_argument("--workdir", required=True, help="gs:// directory for checkpoints and TensorBoard logs")
   job.add_argument("--data_dir", required=True, help="gs:// feature dataset (config.data.directory)")
+  job.add_argument("--libtpu_args", default=ASYNC_COLLECTIVE_FLAGS,
+                   help="LIBTPU_INIT_ARGS of the job (default: the async-collective flags; '' for libtpu's defaults)")
 
   overrides = "Any --config.<field>=<value> is passed on to repa_jax, e.g. --config.mesh.shape='(-1,4)'."
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=f"run, watch: {overrides}",

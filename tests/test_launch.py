@@ -41,13 +41,21 @@ def test_run_starts_one_command_on_all_workers_in_the_background_with_overrides(
   assert "--worker=all" in command
   remote = remote_command(command)
   # The whole background subshell writes to the log, so ssh returns while training runs.
-  assert remote.startswith("(cd ~/repa_jax && exec nohup ~/repa_jax_venv/bin/python -m repa_jax.main ")
+  assert remote.startswith(f"(cd ~/repa_jax && export LIBTPU_INIT_ARGS={shlex.quote(tpu.ASYNC_COLLECTIVE_FLAGS)} && "
+                           "exec nohup ~/repa_jax_venv/bin/python -m repa_jax.main ")
   assert remote.endswith(") > ~/repa_jax_train.log 2>&1 < /dev/null &")
   job = shlex.split(remote[remote.index("-m repa_jax.main"):remote.rindex(")")])
   assert job == ["-m", "repa_jax.main", "--mode=train", "--distributed",
                  "--config=configs/imagenet.py:model=XL/2,reg=repa,res=256", "--workdir=gs://bucket/xl2",
                  "--config.data.directory=gs://bucket/imagenet256", "--config.mesh.shape=(-1,4)",
                  "--config.train.steps=10"]
+
+
+def test_libtpu_args_can_be_replaced_or_left_to_libtpu():
+  remote = remote_command(tpu.run_commands(tpu.parse_args(["run", *SLICE, *JOB, "--libtpu_args=--xla_a=1 --xla_b=2"]))[0])
+  assert remote.startswith("(cd ~/repa_jax && export LIBTPU_INIT_ARGS='--xla_a=1 --xla_b=2' && exec nohup ")
+  remote = remote_command(tpu.run_commands(tpu.parse_args(["run", *SLICE, *JOB, "--libtpu_args="]))[0])
+  assert remote.startswith("(cd ~/repa_jax && exec nohup ~/repa_jax_venv/bin/python -m repa_jax.main ")
 
 
 def test_precompute_mode_has_its_own_log():

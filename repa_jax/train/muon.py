@@ -6,8 +6,8 @@ P_k = a I + b A_k + c A_k^2, Q_{k+1} = P_k Q_k and A_{k+1} = P_k A_k P_k. Iterat
 applying Q once replaces the two [m, m, n] products of every step by ~4 [m, m, m] ones. Iterated alone, the Gram
 matrix loses float32 precision on ill-conditioned inputs (3e-4 of the largest entry for singular values over 4
 decades), so every RESTART_EVERY steps X_k = Q_k X_0 is formed and A recomputed from it: then the result equals the
-written-out iteration's to its own float32 error (1e-5; tests/test_muon.py), at half its time on the Fashion-MNIST
-SiT's matrices (benchmarks/README.md). Formulas and sources: docs/method.md section 5.
+written-out iteration's to its own float32 error (1e-5; tests/test_muon.py), 1.4x faster on the Fashion-MNIST SiT's
+block kernels (`benchmarks/muon.py`; the whole train step 1.00-1.04x). Formulas and sources: docs/method.md section 5.
 """
 import math
 from collections.abc import Callable
