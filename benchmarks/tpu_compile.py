@@ -9,7 +9,8 @@
 lowered on ShapeDtypeStructs and compiled by libtpu's compiler. Printed: the per-chip argument / output / temporary
 bytes of `compiled.memory_analysis()` against the chip's HBM, the compile time, every collective of the HLO with its
 count and bytes per step (ops inside a `while` body, the scanned blocks, counted once per trip), and the analytic
-FLOPs per chip with the MFU that --step_time_s would mean. XLA's own cost analysis counts a loop body once, so it is
+FLOPs per chip with the MFU that --step_time_s would mean; then (--sampler) the sampler program of --mode=sample
+(`sample/generate.py:sampler_program`, with the SD-VAE decoder for latent models) compiled likewise, its memory. XLA's own cost analysis counts a loop body once, so it is
 not used. Last line: `SUMMARY topology=... chips=... hbm_gib=... argument_gib=... temp_gib=... fits=yes|no`.
 """
 import collections
@@ -31,8 +32,10 @@ from ml_collections import config_flags  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from benchmarks.flops import analytic_flops  # noqa: E402
 from launch.tpu import ASYNC_COLLECTIVE_FLAGS  # noqa: E402
-from repa_jax.specs import sharding  # noqa: E402
-from repa_jax.specs.model import aligned_encoders, sit_spec  # noqa: E402
+from repa_jax.models.repa_sit import abstract_params  # noqa: E402
+from repa_jax.sample.generate import pixel_decoder, sampler_program  # noqa: E402
+from repa_jax.specs import rng, sharding  # noqa: E402
+from repa_jax.specs.model import aligned_encoders, model_spec, sit_spec  # noqa: E402
 from repa_jax.train.state import abstract_state, make_optimizer  # noqa: E402
 from repa_jax.train.step import jit_train_step  # noqa: E402
 
@@ -137,31 +140,61 @@ def ideal_collective_bytes(abstract, shardings) -> float:
   return total
 
 
+def topology_devices(topology_name: str, chip_config_name: str | None = None, num_slices: int = 1) -> list:
+  """The TPU devices of `num_slices` slices of a topology, e.g. 'v5p:4x4x2' (no TPU needed)."""
+  kwargs = {"chip_config_name": chip_config_name} if chip_config_name else {}
+  return topologies.get_topology_desc(topology_name=topology_name, platform="tpu", num_slices=num_slices,
+                                      **kwargs).devices
+
+
+def placed(abstract, shardings):
+  """ShapeDtypeStructs of `abstract` (a pytree of arrays or structs) placed with `shardings` (a pytree or one)."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings), abstract)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def compiled_report(lowered, topology_name: str) -> dict:
+  """Compiles a lowered program: {compile_s, memory (CompiledMemoryStats), collectives, used_bytes, fits, hbm_gib,
+  peak_tflops}."""
+  hbm_gib, peak_tflops = chip(topology_name)
+  start = time.time()
+  compiled = lowered.compile()
+  memory = compiled.memory_analysis()
+  used = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + \
+      memory.temp_size_in_bytes + memory.generated_code_size_in_bytes
+  return {"compile_s": time.time() - start, "memory": memory, "collectives": collectives(compiled.as_text()),
+          "used_bytes": used, "fits": used <= hbm_gib * GIB, "hbm_gib": hbm_gib, "peak_tflops": peak_tflops}
+
+
 def compile_step(config, topology_name: str, chip_config_name: str | None = None, num_slices: int = 1) -> dict:
   """AOT-compiles config's train step for `num_slices` slices of a TPU topology (several: config.mesh.dcn_shape says
-  how the axes span them): {devices, mesh, hbm_gib, peak_tflops, compile_s, memory (CompiledMemoryStats),
-  state_bytes, collectives, used_bytes, fits}."""
-  kwargs = {"chip_config_name": chip_config_name} if chip_config_name else {}
-  devices = topologies.get_topology_desc(topology_name=topology_name, platform="tpu", num_slices=num_slices,
-                                         **kwargs).devices
-  hbm_gib, peak_tflops = chip(topology_name)
+  how the axes span them): `compiled_report`'s fields and {devices, mesh, state_bytes, ideal_collective_bytes}."""
+  devices = topology_devices(topology_name, chip_config_name, num_slices)
   mesh = sharding.config_mesh(config, devices)
   tx = make_optimizer(config)
   abstract = abstract_state(config, tx)
   state_sharding = sharding.state_sharding(abstract, mesh)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-  start = time.time()
-  compiled = jit_train_step(config, mesh, state_sharding).lower(
-      state, abstract_batch(config, sharding.batch_sharding(mesh))).compile()
-  compile_s = time.time() - start
-  memory = compiled.memory_analysis()
-  used = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + \
-      memory.temp_size_in_bytes + memory.generated_code_size_in_bytes
-  return {"devices": devices, "mesh": dict(mesh.shape), "hbm_gib": hbm_gib, "peak_tflops": peak_tflops,
-          "compile_s": compile_s, "memory": memory,
+  lowered = jit_train_step(config, mesh, state_sharding).lower(
+      placed(abstract, state_sharding), abstract_batch(config, sharding.batch_sharding(mesh)))
+  return {**compiled_report(lowered, topology_name), "devices": devices, "mesh": dict(mesh.shape),
           "state_bytes": sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract)),
-          "collectives": collectives(compiled.as_text()), "used_bytes": used, "fits": used <= hbm_gib * GIB,
           "ideal_collective_bytes": ideal_collective_bytes(abstract, state_sharding)}
+
+
+def compile_sampler(config, topology_name: str, chip_config_name: str | None = None, num_slices: int = 1) -> dict:
+  """AOT-compiles config's sampler (`sample/generate.py:sampler_program`: config.sample's sampler, steps and
+  guidance over a batch of config.sample.batch_size, the SiT's EMA and the pixel decoder replicated, as --mode=sample
+  runs it) for the slice's data mesh: `compiled_report`'s fields."""
+  mesh = sharding.data_mesh(topology_devices(topology_name, chip_config_name, num_slices))
+  decoder = pixel_decoder(config, abstract=True)
+  batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  b = config.sample.batch_size
+  lowered = sampler_program(config, mesh, decoder.apply).lower(
+      placed(decoder.params, replicated), placed(abstract_params(model_spec(config))["sit"], replicated),
+      jax.ShapeDtypeStruct((b, *config.data.latent_shape), jnp.float32, sharding=batch),
+      jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch), jax.eval_shape(lambda: rng.stream(0, "sample_noise")))
+  return compiled_report(lowered, topology_name)
 
 
 def main(argv):
@@ -188,6 +221,13 @@ def main(argv):
   mfu = f", MFU {flops / step_time / peak:.1%} at {step_time} s/step" if step_time else ""
   print(f"analytic FLOPs per chip per step: {flops / 1e12:.3f} TFLOP ({flops / peak * 1e3:.1f} ms at the chip's "
         f"{r['peak_tflops']:.0f} TFLOP/s bf16 peak){mfu}")
+  if FLAGS.sampler:
+    s, c = compile_sampler(config, topology, FLAGS.chip_config_name, FLAGS.num_slices), config.sample
+    m = s["memory"]
+    print(f"sampler ({c.sampler} {c.steps} steps, CFG {c.cfg_scale}, batch {c.batch_size}, the data mesh): compiled "
+          f"in {s['compile_s']:.1f} s; per chip arguments {size(m.argument_size_in_bytes)}, temporaries "
+          f"{size(m.temp_size_in_bytes)}, {size(s['used_bytes'])} used of {s['hbm_gib']} GiB: "
+          f"fits={'yes' if s['fits'] else 'no'}")
   print(f"SUMMARY topology={topology} chips={chips} hbm_gib={r['hbm_gib']:.2f} "
         f"argument_gib={memory.argument_size_in_bytes / GIB:.3f} temp_gib={memory.temp_size_in_bytes / GIB:.3f} "
         f"used_gib={r['used_bytes'] / GIB:.3f} compile_s={r['compile_s']:.0f} fits={'yes' if r['fits'] else 'no'}",
@@ -199,6 +239,7 @@ if __name__ == "__main__":  # the flags only for the script, so that tests impor
   flags.DEFINE_string("chip_config_name", None, "libtpu chip config, e.g. 'megacore' for v4.")
   flags.DEFINE_integer("num_slices", 1, "Slices of --topology (multi-slice: set --config.mesh.dcn_shape too).")
   flags.DEFINE_float("step_time_s", None, "A measured step time on that slice, for the MFU it means.")
+  flags.DEFINE_bool("sampler", True, "Also compile the sampler program (--mode=sample's, config.sample).")
   flags.DEFINE_bool("async_collectives", False, "Compile with launch/tpu.py's ASYNC_COLLECTIVE_FLAGS in "
                     "LIBTPU_INIT_ARGS, as `launch/tpu.py run` starts the job.")
   config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config.")

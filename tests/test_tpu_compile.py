@@ -1,6 +1,6 @@
 """The TPU compile report (benchmarks/tpu_compile.py): its HLO collective count against a hand-written module, and
-the tiny config's train step AOT-compiled for a v5p slice (4 chips) on a data and an FSDP mesh, and for two slices
-(needs libtpu, the test extra's; skipped without it)."""
+the tiny config's train step AOT-compiled for a v5p slice (4 chips) on a data and an FSDP mesh, and for two slices,
+and its sampler with an SD-VAE decoder (needs libtpu, the test extra's; skipped without it)."""
 import importlib.util
 
 import pytest
@@ -67,3 +67,15 @@ def test_the_tiny_train_step_compiles_for_two_slices_with_the_data_axis_across_t
   layout = sharding.config_mesh(config, report["devices"]).devices
   assert [[device.slice_index for device in row] for row in layout] == [[0] * 4, [1] * 4]
   assert report["fits"] and report["collectives"]["all-gather"][0] >= 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the tpu-compile / test extra) is not "
+                    "installed")
+def test_the_sampler_compiles_for_a_v5p_slice_with_its_vae_decoder():
+  config = tiny.get_config("reg=repa")
+  config.data.update(autoencoder="sd-vae-ft-mse", autoencoder_spec=dict(  # f = 2: 8 x 8 x 4 latents -> 16 x 16 images
+      block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4))
+  config.sample.update(sampler="sde", steps=4, cfg_scale=2.0, batch_size=8)
+  report = tpu_compile.compile_sampler(config, "v5p:2x2x1")
+  assert report["fits"] and 0 < report["used_bytes"] < 1e9
+  assert not report["collectives"].get("all-to-all")  # the batch stays on its devices

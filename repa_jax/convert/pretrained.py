@@ -11,6 +11,7 @@ import dataclasses
 import os
 
 import ml_collections
+from flax import nnx
 
 from repa_jax.convert.dinov2 import load_pretrained
 from repa_jax.convert.inception import load_inception
@@ -68,6 +69,11 @@ def vae_decoder(config: ml_collections.ConfigDict) -> Network:
   with the 'sd-vae-ft-ema' weights of config.sample.decoder_weights (REPA decodes with ft-ema whatever encoded)."""
   vae = _load_vae(config, "sd-vae-ft-ema", config.sample.decoder_weights, "config.sample.decoder_weights")
   return as_network(vae, sd_vae.decode)
+
+
+def abstract_vae_decoder(config: ml_collections.ConfigDict) -> Network:
+  """`vae_decoder`'s Network with ShapeDtypeStruct parameters, reading no weights (for compiling ahead of time)."""
+  return as_network(nnx.eval_shape(lambda: sd_vae.SDVAE(vae_spec(config), nnx.Rngs(0))), sd_vae.decode)
 
 
 def dinov2_encoder(config: ml_collections.ConfigDict, name: str) -> tuple[Network, dinov2.DinoV2Spec]:

@@ -48,18 +48,19 @@ def to_uint8(x: jax.Array) -> jax.Array:
   return jnp.clip(jnp.round(255 * (x + 1) / 2), 0, 255).astype(jnp.uint8)
 
 
-def pixel_decoder(config: ml_collections.ConfigDict) -> Network:
+def pixel_decoder(config: ml_collections.ConfigDict, *, abstract: bool = False) -> Network:
   """Network: SiT-space latents / config.data.latent_scale [B, h, w, c] -> pixels [B, H, W, C] in [-1, 1]: the
-  identity for pixel-space models, else the SD-VAE decoder (config.sample.decoder_weights, sd-vae-ft-ema)."""
+  identity for pixel-space models, else the SD-VAE decoder (config.sample.decoder_weights, sd-vae-ft-ema); abstract:
+  its parameters as ShapeDtypeStructs, no weights read (for compiling ahead of time)."""
   if config.data.autoencoder == IDENTITY_AUTOENCODER:
     return Network(lambda _, x: x, ())
-  return pretrained.vae_decoder(config)
+  return pretrained.abstract_vae_decoder(config) if abstract else pretrained.vae_decoder(config)
 
 
-def make_sampler(config: ml_collections.ConfigDict, mesh: Mesh):
-  """Jitted (params, noise [B, h, w, c], labels [B], key) -> uint8 images [B, H, W, C], the batch over all devices
-  (with REG the class token is sampled jointly and dropped); latents are decoded by `pixel_decoder`, whose weights
-  are bound in (replicated)."""
+def sampler_program(config: ml_collections.ConfigDict, mesh: Mesh, decode):
+  """Jitted (decoder params, SiT params, noise [B, h, w, c], labels [B], key) -> uint8 images [B, H, W, C], the batch
+  over all devices, the parameters replicated (with REG the class token is sampled jointly and dropped); `decode` is
+  a pixel decoder's apply (`pixel_decoder`). What `make_sampler` runs, and what benchmarks/tpu_compile.py compiles."""
   s, spec = config.sample, model_spec(config)
   graphdef = sit_graphdef(spec)
   guidance = None if s.cfg_scale == 1.0 else Guidance(s.cfg_scale, config.data.num_classes, s.guidance_low,
@@ -67,7 +68,6 @@ def make_sampler(config: ml_collections.ConfigDict, mesh: Mesh):
   if s.batch_size % mesh.size:
     raise ValueError(f"config.sample.batch_size={s.batch_size} (config.evaluate.batch_size in training) is not "
                      f"divisible by the {mesh.size} devices: use a multiple of {mesh.size}")
-  decoder = pixel_decoder(config)
 
   def generate(decoder_params, params, noise, labels, key):
     sit = nnx.merge(graphdef, params)
@@ -78,11 +78,18 @@ def make_sampler(config: ml_collections.ConfigDict, mesh: Mesh):
       state = (noise, jax.random.normal(cls_key, (noise.shape[0], e), noise.dtype))
     x = sample(s.sampler, velocity, state, labels, key, s.steps, config.flow.path, guidance)
     x = x[0] if spec.sit.class_token_dim else x
-    return to_uint8(decoder.apply(decoder_params, x / config.data.latent_scale))
+    return to_uint8(decode(decoder_params, x / config.data.latent_scale))
 
   batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  jitted = jax.jit(generate, in_shardings=(replicated, replicated, batch, batch, None), out_shardings=batch)
-  return functools.partial(jitted, jax.device_put(decoder.params, replicated))
+  return jax.jit(generate, in_shardings=(replicated, replicated, batch, batch, None), out_shardings=batch)
+
+
+def make_sampler(config: ml_collections.ConfigDict, mesh: Mesh):
+  """`sampler_program` with `pixel_decoder`'s weights bound in (replicated): (SiT params, noise, labels, key) ->
+  uint8 images."""
+  decoder = pixel_decoder(config)
+  return functools.partial(sampler_program(config, mesh, decoder.apply),
+                           jax.device_put(decoder.params, sharding.replicated(mesh)))
 
 
 def load_sit_ema(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, step: int | None = None):

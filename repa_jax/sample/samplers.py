@@ -9,8 +9,9 @@ Steps run in ``lax.fori_loop``, so for a static ``num_steps`` a jitted sampler c
 Classifier-free guidance (``Guidance``): ``out = uncond + scale * (cond - uncond)`` on all channels of every leaf
 (REG's class token too, at the same scale as its preset), applied to v (ODE) or to the drift (SDE), only while
 ``low <= t <= high``. All samples share t, so ``lax.cond`` on the scalar predicate
-picks a branch at run time: the branch with the doubled batch (labels, then ``null_class``) is executed only inside
-the interval, the plain branch only outside it.
+picks a branch at run time: the branch with the doubled batch (each row twice: with its label, then with
+``null_class``, so that a batch sharded over devices needs no exchange) is executed only inside the interval, the plain
+branch only outside it.
 
 The formulas and their sources: docs/method.md section 4.
 """
@@ -62,8 +63,9 @@ def _axpy(x, a, v):
 
 
 def _guide(out: jax.Array, scale) -> jax.Array:
-  """[2B, ...] (conditional rows, then unconditional) -> [B, ...] uncond + scale (cond - uncond)."""
-  cond, uncond = jnp.split(out, 2)
+  """[2B, ...] (each sample's conditional row, then its unconditional one) -> [B, ...] uncond + scale (cond - uncond)."""
+  pairs = out.reshape(-1, 2, *out.shape[1:])
+  cond, uncond = pairs[:, 0], pairs[:, 1]
   return uncond + jnp.asarray(scale, out.dtype) * (cond - uncond)
 
 
@@ -79,10 +81,10 @@ def _evaluate(velocity_fn: VelocityFn, x, t: jax.Array, y: jax.Array, model_dtyp
   if guidance is None:
     return model(x, y)
 
-  def guided(x):
-    y_both = jnp.concatenate([y, jnp.full_like(y, guidance.null_class)])
+  def guided(x):  # each row beside its unconditional twin: a batch-sharded state stays on its devices
+    y_both = jnp.stack([y, jnp.full_like(y, guidance.null_class)], axis=1).reshape(-1)
     return jax.tree.map(lambda out: _guide(out, guidance.scale),
-                        model(jax.tree.map(lambda leaf: jnp.concatenate([leaf, leaf]), x), y_both))
+                        model(jax.tree.map(lambda leaf: jnp.repeat(leaf, 2, axis=0), x), y_both))
 
   inside = (guidance.low <= t_guide) & (t_guide <= guidance.high)
   return lax.cond(inside, guided, lambda x: model(x, y), x)
