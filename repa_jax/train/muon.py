@@ -50,6 +50,7 @@ def as_matrices(x: jax.Array, batch_axes: int) -> jax.Array:
 
 
 class MuonState(NamedTuple):
+  """scale_by_muon's state."""
   count: jax.Array  # [] int32, updates done
   mu: optax.Updates  # the momentum, in its moment dtype
 
