@@ -11,8 +11,8 @@ not copied from ImageNet: a short run wants a high learning rate after a warm-up
 its samples are best with REPA's kind of sampler, the SDE, guided at CFG 3.0 on t in [0.1, 0.7] (not the noisiest
 30%, where guidance trades diversity for class accuracy, nor the last steps). Muon on the weight matrices
 (at 2x the learning rate, AdamW on the rest) learned ~1.7x more per step than AdamW by step 800, at 1.2-1.36x its
-step time; the 15-minute budget holds 1750 Muon steps (1400 before the evaluation CNN's max-pool gradient got ~1.9x
-faster and freed a minute). The learning rate then falls
+step time; the 15-minute budget holds 3000 Muon steps on the 2-core AMD EPYC of 2026-12-02 (1750 on the slower
+one of the session before: README, "What make run did"). The learning rate then falls
 linearly to 0 over the last 40% of the steps (FD 12.0 against 13.5 with a constant one at step 1400 of a 1400-step run, one seed). The
 blocks rematerialise all but their matmuls (model.remat='dots'): on a 2-core CPU that makes the step ~1.2x faster
 (less memory traffic).
@@ -35,9 +35,9 @@ def get_config(arg=None):
   select_regularizers(c, args["reg"])
   if c.reg.weight:
     c.data.directory += "_cls"
-  c.train.update(batch_size=32, steps=1750, lr=4e-3, warmup_steps=100, lr_schedule="cooldown", cooldown_fraction=0.4,
+  c.train.update(batch_size=32, steps=3000, lr=4e-3, warmup_steps=100, lr_schedule="cooldown", cooldown_fraction=0.4,
                  optimizer="muon", muon_lr_scale=2.0, ema_decay=0.999, ema_warmup=True, log_every=100,
-                 checkpoint_every=875)
+                 checkpoint_every=1500)
   # The main job's sampler (REPA's kind: SDE with a guidance interval), also for in-training evaluation.
   sampler = dict(sampler="sde", steps=50, cfg_scale=3.0, guidance_low=0.1, guidance_high=0.7)
   c.evaluate.update(num_samples=1000, batch_size=200, **sampler)
