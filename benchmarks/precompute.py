@@ -21,6 +21,7 @@ from repa_jax.data.precompute import compute_fn
 from repa_jax.data.sources import center_crop
 from repa_jax.models import dinov2, sd_vae
 from repa_jax.models.network import Network, as_network
+from repa_jax.specs.sharding import replicated
 
 _BATCH = flags.DEFINE_integer("batch", 4, "Images per batch.")
 _STEPS = flags.DEFINE_integer("steps", 2, "Timed batches per component (after compilation).")
@@ -79,6 +80,7 @@ def main(argv):
   time_function("DINOv2-B encode", encoder.apply, encoder.params, images)
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("devices",))
   compute, params = compute_fn(autoencoder, {"dinov2_vitb14": encoder}, mesh)
+  params = jax.device_put(params, replicated(mesh))
   time_function("together (precompute)", compute, params, images)
   print(f"JPEG decode + ADM crop (PIL, 1 core): {crop_rate(res):.0f} img/s")
 

@@ -10,8 +10,9 @@ lowered on ShapeDtypeStructs and compiled by libtpu's compiler. Printed: the per
 bytes of `compiled.memory_analysis()` against the chip's HBM, the compile time, every collective of the HLO with its
 count and bytes per step (ops inside a `while` body, the scanned blocks, counted once per trip), and the analytic
 FLOPs per chip with the MFU that --step_time_s would mean; then (--sampler) the sampler program of --mode=sample
-(`sample/generate.py:sampler_program`, with the SD-VAE decoder for latent models) compiled likewise, its memory. XLA's own cost analysis counts a loop body once, so it is
-not used. Last line: `SUMMARY topology=... chips=... hbm_gib=... argument_gib=... temp_gib=... fits=yes|no`.
+(`sample/generate.py:sampler_program`, with the SD-VAE decoder for latent models) and (--precompute) the program of
+--mode=precompute (the SD-VAE encoder and DINOv2 for one host's chips) compiled likewise, their memory. XLA's own
+cost analysis counts a loop body once, so it is not used. Last line: `SUMMARY topology=... chips=... hbm_gib=... argument_gib=... temp_gib=... fits=yes|no`.
 """
 import collections
 import math
@@ -32,9 +33,11 @@ from ml_collections import config_flags  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from benchmarks.flops import analytic_flops  # noqa: E402
 from launch.tpu import ASYNC_COLLECTIVE_FLAGS  # noqa: E402
+from repa_jax.data import precompute  # noqa: E402
 from repa_jax.models.repa_sit import abstract_params  # noqa: E402
 from repa_jax.sample.generate import pixel_decoder, sampler_program  # noqa: E402
 from repa_jax.specs import rng, sharding  # noqa: E402
+from repa_jax.specs.data import dataset_requirement  # noqa: E402
 from repa_jax.specs.model import aligned_encoders, model_spec, sit_spec  # noqa: E402
 from repa_jax.train.state import abstract_state, make_optimizer  # noqa: E402
 from repa_jax.train.step import jit_train_step  # noqa: E402
@@ -197,6 +200,24 @@ def compile_sampler(config, topology_name: str, chip_config_name: str | None = N
   return compiled_report(lowered, topology_name)
 
 
+def compile_precompute(config, topology_name: str, chip_config_name: str | None = None) -> dict:
+  """AOT-compiles --mode=precompute's program (`data/precompute.py:compute_fn`: config.data.autoencoder's encoder and
+  every encoder of config.align.encoders on config.precompute.batch_size uint8 images of
+  config.precompute.resolution px, the weights replicated) for the chips of one host, as each process runs it:
+  `compiled_report`'s fields and {chips}."""
+  devices = topology_devices(topology_name, chip_config_name)
+  local = [d for d in devices if d.process_index == devices[0].process_index]
+  mesh = sharding.data_mesh(local)
+  encoders = {name: precompute.load_encoder(name, config, abstract=True)[0] for name in aligned_encoders(config)}
+  compute, params = precompute.compute_fn(precompute.load_autoencoder(config, abstract=True), encoders, mesh,
+                                          dataset_requirement(config).class_tokens)
+  p = config.precompute
+  images = jax.ShapeDtypeStruct((p.batch_size, p.resolution, p.resolution, 3), jnp.uint8,
+                                sharding=sharding.batch_sharding(mesh))
+  return {**compiled_report(compute.lower(placed(params, sharding.replicated(mesh)), images), topology_name),
+          "chips": len(local)}
+
+
 def main(argv):
   del argv
   config, topology, step_time = FLAGS.config, FLAGS.topology, FLAGS.step_time_s
@@ -228,6 +249,13 @@ def main(argv):
           f"in {s['compile_s']:.1f} s; per chip arguments {size(m.argument_size_in_bytes)}, temporaries "
           f"{size(m.temp_size_in_bytes)}, {size(s['used_bytes'])} used of {s['hbm_gib']} GiB: "
           f"fits={'yes' if s['fits'] else 'no'}")
+  if FLAGS.precompute:
+    pc, p = compile_precompute(config, topology, FLAGS.chip_config_name), config.precompute
+    m = pc["memory"]
+    print(f"precompute ({config.data.autoencoder} + {', '.join(aligned_encoders(config))}, batch {p.batch_size} at "
+          f"{p.resolution} px over one host's {pc['chips']} chips): compiled in {pc['compile_s']:.1f} s; per chip "
+          f"arguments {size(m.argument_size_in_bytes)}, temporaries {size(m.temp_size_in_bytes)}, "
+          f"{size(pc['used_bytes'])} used of {pc['hbm_gib']} GiB: fits={'yes' if pc['fits'] else 'no'}")
   print(f"SUMMARY topology={topology} chips={chips} hbm_gib={r['hbm_gib']:.2f} "
         f"argument_gib={memory.argument_size_in_bytes / GIB:.3f} temp_gib={memory.temp_size_in_bytes / GIB:.3f} "
         f"used_gib={r['used_bytes'] / GIB:.3f} compile_s={r['compile_s']:.0f} fits={'yes' if r['fits'] else 'no'}",
@@ -240,6 +268,8 @@ if __name__ == "__main__":  # the flags only for the script, so that tests impor
   flags.DEFINE_integer("num_slices", 1, "Slices of --topology (multi-slice: set --config.mesh.dcn_shape too).")
   flags.DEFINE_float("step_time_s", None, "A measured step time on that slice, for the MFU it means.")
   flags.DEFINE_bool("sampler", True, "Also compile the sampler program (--mode=sample's, config.sample).")
+  flags.DEFINE_bool("precompute", True, "Also compile --mode=precompute's program (the autoencoder and the "
+                    "encoders, config.precompute) for one host's chips.")
   flags.DEFINE_bool("async_collectives", False, "Compile with launch/tpu.py's ASYNC_COLLECTIVE_FLAGS in "
                     "LIBTPU_INIT_ARGS, as `launch/tpu.py run` starts the job.")
   config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config.")

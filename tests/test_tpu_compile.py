@@ -1,6 +1,6 @@
 """The TPU compile report (benchmarks/tpu_compile.py): its HLO collective count against a hand-written module, and
 the tiny config's train step AOT-compiled for a v5p slice (4 chips) on a data and an FSDP mesh, and for two slices,
-and its sampler with an SD-VAE decoder (needs libtpu, the test extra's; skipped without it)."""
+and its sampler with an SD-VAE decoder and the precompute program (needs libtpu, the test extra's; skipped without it)."""
 import importlib.util
 
 import pytest
@@ -79,3 +79,18 @@ def test_the_sampler_compiles_for_a_v5p_slice_with_its_vae_decoder():
   report = tpu_compile.compile_sampler(config, "v5p:2x2x1")
   assert report["fits"] and 0 < report["used_bytes"] < 1e9
   assert not report["collectives"].get("all-to-all")  # the batch stays on its devices
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the tpu-compile / test extra) is not "
+                    "installed")
+def test_the_precompute_program_compiles_for_one_host_of_a_v5p_slice():
+  """--mode=precompute's SD-VAE encoder and DINOv2 (tiny specs) on one host's chips, with no collective at all."""
+  config = tiny.get_config("reg=repa")
+  config.data.update(autoencoder="sd-vae-ft-mse", autoencoder_spec=dict(
+      block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4))
+  config.align.encoders = (("dinov2_vitb14", 16),)
+  config.precompute.update(resolution=256, batch_size=4, encoder_specs={"dinov2_vitb14": dict(width=16, depth=1,
+                                                                                             num_heads=2)})
+  report = tpu_compile.compile_precompute(config, "v5p:2x2x1")
+  assert report["chips"] == 4 and report["fits"] and 0 < report["used_bytes"] < 2e9  # 8 channels pad to 128 lanes
+  assert report["collectives"] == {}  # each chip encodes its own images with its replica of the weights

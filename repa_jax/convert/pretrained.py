@@ -49,40 +49,44 @@ def vae_spec(config: ml_collections.ConfigDict) -> sd_vae.VAESpec:
   return dataclasses.replace(sd_vae.SD_VAE, **config.data.autoencoder_spec)
 
 
-def _load_vae(config: ml_collections.ConfigDict, name: str, path: str, field: str) -> sd_vae.SDVAE:
-  """SDVAE(vae_spec(config)) with the weights of `name` at `path` (the value of config field `field`)."""
+def _sd_vae(config: ml_collections.ConfigDict, name: str, path: str, field: str, abstract: bool) -> sd_vae.SDVAE:
+  """SDVAE(vae_spec(config)) with the weights of `name` at `path` (the value of config field `field`); abstract: its
+  parameters as ShapeDtypeStructs, no weights read (for compiling ahead of time)."""
   if config.data.autoencoder not in SD_VAES:
     raise ValueError(f"config.data.autoencoder={config.data.autoencoder!r}: use 'identity' or one of {SD_VAES}")
+  if abstract:
+    return nnx.eval_shape(lambda: sd_vae.SDVAE(vae_spec(config), nnx.Rngs(0)))
   return load_sd_vae(weights_file(path, field, sd_vae_source(name)), vae_spec(config))
 
 
-def vae_encoder(config: ml_collections.ConfigDict) -> Network:
+def vae_encoder(config: ml_collections.ConfigDict, *, abstract: bool = False) -> Network:
   """uint8 images [B, H, W, 3] -> the posterior (mean, std), each [B, H / f, W / f, latent_channels] float32, of
-  config.data.autoencoder ('sd-vae-ft-mse'), weights from config.precompute.autoencoder_weights."""
-  vae = _load_vae(config, config.data.autoencoder, config.precompute.autoencoder_weights,
-                  "config.precompute.autoencoder_weights")
+  config.data.autoencoder ('sd-vae-ft-mse'), weights from config.precompute.autoencoder_weights (abstract: none)."""
+  vae = _sd_vae(config, config.data.autoencoder, config.precompute.autoencoder_weights,
+                "config.precompute.autoencoder_weights", abstract)
   return as_network(vae, sd_vae.encode_uint8)
 
 
-def vae_decoder(config: ml_collections.ConfigDict) -> Network:
+def vae_decoder(config: ml_collections.ConfigDict, *, abstract: bool = False) -> Network:
   """VAE latents [B, h, w, latent_channels] (unscaled) -> pixels [B, h f, w f, 3] float32 in [-1, 1] (not clipped),
-  with the 'sd-vae-ft-ema' weights of config.sample.decoder_weights (REPA decodes with ft-ema whatever encoded)."""
-  vae = _load_vae(config, "sd-vae-ft-ema", config.sample.decoder_weights, "config.sample.decoder_weights")
+  with the 'sd-vae-ft-ema' weights of config.sample.decoder_weights (REPA decodes with ft-ema whatever encoded;
+  abstract: none)."""
+  vae = _sd_vae(config, "sd-vae-ft-ema", config.sample.decoder_weights, "config.sample.decoder_weights", abstract)
   return as_network(vae, sd_vae.decode)
 
 
-def abstract_vae_decoder(config: ml_collections.ConfigDict) -> Network:
-  """`vae_decoder`'s Network with ShapeDtypeStruct parameters, reading no weights (for compiling ahead of time)."""
-  return as_network(nnx.eval_shape(lambda: sd_vae.SDVAE(vae_spec(config), nnx.Rngs(0))), sd_vae.decode)
-
-
-def dinov2_encoder(config: ml_collections.ConfigDict, name: str) -> tuple[Network, dinov2.DinoV2Spec]:
+def dinov2_encoder(config: ml_collections.ConfigDict, name: str, *,
+                   abstract: bool = False) -> tuple[Network, dinov2.DinoV2Spec]:
   """(uint8 images [B, res, res, 3] -> REPA's DINOv2 patch tokens [B, tokens, width] float32, the spec) of encoder
-  `name`, weights from config.precompute.encoder_weights[name]."""
-  field = f"config.precompute.encoder_weights[{name!r}]"
-  path = weights_file(config.precompute.encoder_weights.get(name, ""), field, dinov2_source(name))
+  `name`, weights from config.precompute.encoder_weights[name] (abstract: ShapeDtypeStructs, none read)."""
   spec = dataclasses.replace(dinov2.SPECS[name], **config.precompute.encoder_specs.get(name, {}))
-  return as_network(load_pretrained(path, name, spec), dinov2.encode), spec
+  if abstract:
+    model = nnx.eval_shape(lambda: dinov2.DinoV2(spec, nnx.Rngs(0)))
+  else:
+    field = f"config.precompute.encoder_weights[{name!r}]"
+    path = weights_file(config.precompute.encoder_weights.get(name, ""), field, dinov2_source(name))
+    model = load_pretrained(path, name, spec)
+  return as_network(model, dinov2.encode), spec
 
 
 def inception_network(config: ml_collections.ConfigDict) -> Network:

@@ -61,41 +61,43 @@ def fashion_mnist_splits(config: ml_collections.ConfigDict):
                            directory=config.precompute.source_dir or sources.FASHION_MNIST_DIRECTORY)
 
 
-def load_encoder(name: str, config: ml_collections.ConfigDict) -> tuple[Network, dict]:
+def load_encoder(name: str, config: ml_collections.ConfigDict, *, abstract: bool = False) -> tuple[Network, dict]:
   """(Network: uint8 images [B, H, W, C] -> {'patch_tokens': [B, tokens, width], 'class_token': [B, width]}, info)
   of an encoder in config.align.encoders: 'fmnist_vit' (project-trained, cached; its class token is the token its
   head reads, `pooled`) or a DINOv2 ('dinov2_vit{s,b,l,g}14' or '..._reg', x_norm_clstoken; weights from
-  config.precompute.encoder_weights[name])."""
-  if name == "fmnist_vit":
+  config.precompute.encoder_weights[name]; abstract: ShapeDtypeStruct parameters, for compiling ahead of time)."""
+  if name in dinov2.SPECS:
+    network, spec = pretrained.dinov2_encoder(config, name, abstract=abstract)
+    return network, {"width": spec.width, "preprocessing": DINOV2_PREPROCESSING}
+  if name == "fmnist_vit" and not abstract:
     encode, info = supervised.load_or_train_encoder(config.precompute.encoder_dir, encoder_config(config), name=name,
                                                     load_split=fashion_mnist_splits(config))
     def tokens(_, images):
       out = encode(images)
       return {"patch_tokens": out["patch_tokens"], "class_token": out["pooled"]}
     return Network(tokens, ()), info
-  if name in dinov2.SPECS:
-    network, spec = pretrained.dinov2_encoder(config, name)
-    return network, {"width": spec.width, "preprocessing": DINOV2_PREPROCESSING}
-  raise ValueError(f"encoder {name!r} in config.align.encoders cannot be precomputed here: available: 'fmnist_vit', "
+  raise ValueError(f"encoder {name!r} in config.align.encoders cannot be precomputed here{' ahead of time' * abstract}"
+                   f": available: {'' if abstract else repr('fmnist_vit') + ', '}"
                    f"{', '.join(repr(n) for n in dinov2.SPECS)}")
 
 
-def load_autoencoder(config: ml_collections.ConfigDict) -> Network:
+def load_autoencoder(config: ml_collections.ConfigDict, *, abstract: bool = False) -> Network:
   """Network: uint8 images [B, H, W, C] -> the stored autoencoder fields of config.data.autoencoder: the pixels
   ('ae_pixels') for 'identity', the posterior 'ae_mean' and 'ae_std' [B, H / 8, W / 8, 4] for an SD-VAE (weights from
-  config.precompute.autoencoder_weights)."""
+  config.precompute.autoencoder_weights; abstract: ShapeDtypeStruct parameters)."""
   if config.data.autoencoder == features.IDENTITY_AUTOENCODER:
     return Network(lambda _, images: {"ae_pixels": images}, ())
   if config.data.autoencoder in pretrained.SD_VAES:
-    vae = pretrained.vae_encoder(config)
+    vae = pretrained.vae_encoder(config, abstract=abstract)
     return Network(lambda params, images: dict(zip(("ae_mean", "ae_std"), vae.apply(params, images))), vae.params)
   raise ValueError(f"config.data.autoencoder={config.data.autoencoder!r} cannot be precomputed here: available: "
                    f"'identity', {', '.join(repr(n) for n in pretrained.SD_VAES)}")
 
 
 def compute_fn(autoencoder: Network, encoders: dict[str, Network], mesh: Mesh, class_tokens: bool = False):
-  """(jitted `compute(params, uint8 images [B, H, W, C]) -> stored fields`, its params): the batch split over the
-  devices of `mesh`, the weights replicated; the encoders' class tokens too if `class_tokens`."""
+  """(jitted `compute(params, uint8 images [B, H, W, C]) -> stored fields`, its params, not yet placed): the batch
+  split over the devices of `mesh`, the weights replicated (`sharding.replicated(mesh)`); the encoders' class tokens
+  too if `class_tokens`."""
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
   def compute(params, images):
@@ -108,7 +110,7 @@ def compute_fn(autoencoder: Network, encoders: dict[str, Network], mesh: Mesh, c
         out[f"cls_{name}"] = tokens["class_token"].astype(jnp.float32)
     return out
 
-  params = jax.device_put((autoencoder.params, {name: net.params for name, net in encoders.items()}), replicated)
+  params = (autoencoder.params, {name: net.params for name, net in encoders.items()})
   return jax.jit(compute, in_shardings=(replicated, batch_sharding), out_shardings=batch_sharding), params
 
 
@@ -160,8 +162,9 @@ def precompute(config: ml_collections.ConfigDict) -> None:
       preprocessing="; ".join(crop + [f"autoencoder {config.data.autoencoder}"] +
                               [f"{n}: {info['preprocessing']}" for n, info in infos.items()]))
   local_devices = jax.local_devices()
-  compute, params = compute_fn(load_autoencoder(config), encoders, sharding.data_mesh(local_devices),
-                               spec.class_tokens)
+  mesh = sharding.data_mesh(local_devices)
+  compute, params = compute_fn(load_autoencoder(config), encoders, mesh, spec.class_tokens)
+  params = jax.device_put(params, sharding.replicated(mesh))
   for split in p.splits:
     source = image_source(config, split)
     if None not in source.image_shape:

@@ -54,7 +54,7 @@ def pixel_decoder(config: ml_collections.ConfigDict, *, abstract: bool = False) 
   its parameters as ShapeDtypeStructs, no weights read (for compiling ahead of time)."""
   if config.data.autoencoder == IDENTITY_AUTOENCODER:
     return Network(lambda _, x: x, ())
-  return pretrained.abstract_vae_decoder(config) if abstract else pretrained.vae_decoder(config)
+  return pretrained.vae_decoder(config, abstract=abstract)
 
 
 def sampler_program(config: ml_collections.ConfigDict, mesh: Mesh, decode):

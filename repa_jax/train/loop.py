@@ -12,7 +12,7 @@ from tensorboardX import SummaryWriter
 from repa_jax.data.pipeline import FeatureBatches
 from repa_jax.data.synthetic import SyntheticBatches
 from repa_jax.specs import sharding
-from repa_jax.train import checkpoint, failures
+from repa_jax.train import budget, checkpoint, failures
 from repa_jax.train.state import abstract_state, init_state, make_optimizer
 from repa_jax.train.step import jit_train_step
 
@@ -46,7 +46,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, evaluator: Evaluator 
 
   Stops early, after saving, when preempted (SIGTERM); raises FloatingPointError, without saving, on a non-finite
   loss term. With config.train.profile_steps = (first, last), steps first..last (1-indexed) are traced by
-  jax.profiler into <workdir>/profile (TensorBoard's profile plugin or Perfetto read it)."""
+  jax.profiler into <workdir>/profile (TensorBoard's profile plugin or Perfetto read it). With
+  config.train.time_budget_s, the run fixes its number of steps (at most config.train.steps) from its measured step
+  time once it has started, and keeps it in <workdir>/train_plan.json (`budget`)."""
+  begin = time.perf_counter()
+  planned = budget.read_plan(workdir) if config.train.time_budget_s is not None else None
+  if planned is not None:
+    config = budget.with_steps(config, planned)
   # Mesh, shardings and the state: restored if a checkpoint exists (onto this mesh, whatever mesh wrote it), else new.
   mesh = sharding.config_mesh(config)
   sharding.check_batch_divisible(config.train.batch_size, mesh)
@@ -79,6 +85,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, evaluator: Evaluator 
   step, total = int(state["step"]), config.train.steps
   tick, tick_step = time.perf_counter(), step
   start, start_step = tick, step
+  measure = (step + budget.SKIPPED_STEPS, step + budget.SKIPPED_STEPS + budget.MEASURED_STEPS)
+  measuring = config.train.time_budget_s is not None and planned is None and measure[1] < total
+  marks = {}
   unchecked = None
   profile_first, profile_last = config.train.profile_steps or (None, None)
   with failures.preemption_check() as preempted:
@@ -95,6 +104,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, evaluator: Evaluator 
         if unchecked:
           failures.check_finite(*unchecked, manager.latest_step())
         unchecked = (step, metrics)
+        if measuring and step in measure:
+          jax.block_until_ready(metrics)
+          marks[step] = time.perf_counter()
+          if step == measure[1]:
+            config, total = budget.plan(config, workdir, begin, marks, is_lead)
+            train_step = jit_train_step(config, mesh, state_sharding)
+            measuring = False
         stop = preempted(step)
         if step % config.train.log_every == 0 or step == total:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
