@@ -70,7 +70,8 @@ def run_config(arm: str, seed: int, steps: int, eval_every: int, disperse: tuple
   config = fashion_mnist.get_config(f"reg={arm}")
   config.seed = seed
   # The budget's checkpoint, for the probe; a constant learning rate, so that a long run's first budget is the budget's.
-  config.train.update(steps=steps, lr_schedule="constant", checkpoint_every=min(steps, _STEPS.value))
+  config.train.update(steps=steps, lr_schedule="constant", checkpoint_every=min(steps, _STEPS.value),
+                      time_budget_s=0)
   if _OPTIMIZER.value:
     config.train.optimizer = _OPTIMIZER.value
   config.evaluate.update(every_steps=eval_every, num_samples=_EVAL_SAMPLES.value, batch_size=100, **EVAL_SAMPLER)

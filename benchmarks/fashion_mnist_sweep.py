@@ -85,7 +85,7 @@ def row_config(overrides: dict, steps: int | None):
   for name, value in {**BASE, **overrides}.items():
     section, _, field = name.rpartition(".")
     (config[section] if section else config)[field] = round(base_steps * value) if name == "train.steps" else value
-  config.train.checkpoint_every = config.train.steps
+  config.train.update(checkpoint_every=config.train.steps, time_budget_s=0)  # every row its exact steps
   config.evaluate.every_steps = None
   config.sample.update(num_samples=_NUM_SAMPLES.value, **ROW_SAMPLER)
   return config

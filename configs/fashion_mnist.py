@@ -35,9 +35,11 @@ def get_config(arg=None):
   select_regularizers(c, args["reg"])
   if c.reg.weight:
     c.data.directory += "_cls"
-  c.train.update(batch_size=32, steps=3000, lr=4e-3, warmup_steps=100, lr_schedule="cooldown", cooldown_fraction=0.4,
-                 optimizer="muon", muon_lr_scale=2.0, ema_decay=0.999, ema_warmup=True, log_every=100,
-                 checkpoint_every=1500)
+  # As many steps as 400 s of training hold, at most 3000 (train.time_budget_s: the number is decided once, at the
+  # start, from the measured step time; --config.train.time_budget_s=0 trains exactly train.steps).
+  c.train.update(batch_size=32, steps=3000, time_budget_s=400.0, lr=4e-3, warmup_steps=100, lr_schedule="cooldown",
+                 cooldown_fraction=0.4, optimizer="muon", muon_lr_scale=2.0, ema_decay=0.999, ema_warmup=True,
+                 log_every=100, checkpoint_every=1000)
   # The main job's sampler (REPA's kind: SDE with a guidance interval), also for in-training evaluation.
   sampler = dict(sampler="sde", steps=50, cfg_scale=3.0, guidance_low=0.1, guidance_high=0.7)
   c.evaluate.update(num_samples=1000, batch_size=200, **sampler)

@@ -80,7 +80,7 @@ RULES: dict[str, Rule] = {
     "train.log_every": POSITIVE, "train.checkpoint_every": POSITIVE, "train.keep_checkpoints": POSITIVE,
     "train.keep_every": number(1, integer=True, optional=True),
     "train.restore_step": number(0, integer=True, optional=True),
-    "train.time_budget_s": number(0, low_open=True, optional=True),
+    "train.time_budget_s": number(0, optional=True),
     "sample.sampler": one_of(SAMPLERS), "sample.steps": POSITIVE, "sample.cfg_scale": number(0, 100),
     "sample.guidance_low": PROBABILITY, "sample.guidance_high": PROBABILITY, "sample.num_samples": POSITIVE,
     "sample.batch_size": POSITIVE, "sample.labels": one_of(LABEL_MODES), "sample.seed": COUNT,
@@ -117,7 +117,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if profile is not None and not (len(profile) == 2 and all(POSITIVE(s) is None for s in profile)
                                   and profile[0] <= profile[1]):
     problems.append(f"config.train.profile_steps={profile!r}: use (first, last) steps with 1 <= first <= last")
-  if config.train.time_budget_s is not None and config.train.lr_schedule == "cosine":
+  if config.train.time_budget_s and config.train.lr_schedule == "cosine":
     problems.append("config.train.time_budget_s with config.train.lr_schedule='cosine': the cosine depends on the "
                     "number of steps from the first one, which a budget decides only after a few; use 'cooldown'")
   dcn = config.mesh.dcn_shape

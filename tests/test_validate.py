@@ -12,7 +12,7 @@ from tests.processes import ROOT
 
 # Fields where the value is allowed, written out independently of the rules in repa_jax/validate.py.
 ZERO_ALLOWED = {"seed", "flow.cosine_weight", "align.weight", "align.stop_step", "align.zscore_gamma", "disperse.weight",
-                "disperse.stop_step", "disperse.margin", "train.warmup_steps", "train.b1", "train.b2", "train.muon_beta", "train.weight_decay", "train.ema_decay", "train.label_dropout", "train.restore_step",
+                "disperse.stop_step", "disperse.margin", "train.time_budget_s", "train.warmup_steps", "train.b1", "train.b2", "train.muon_beta", "train.weight_decay", "train.ema_decay", "train.label_dropout", "train.restore_step",
                 "sample.cfg_scale", "sample.guidance_low", "sample.seed", "sample.checkpoint_step",
                 "evaluate.cfg_scale", "evaluate.guidance_low", "sra.weight", "sra.max_time_gap",
                 "sra.decay_start_epoch", "sra.stop_step", "reg.weight"}

@@ -46,11 +46,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, evaluator: Evaluator 
 
   Stops early, after saving, when preempted (SIGTERM); raises FloatingPointError, without saving, on a non-finite
   loss term. With config.train.profile_steps = (first, last), steps first..last (1-indexed) are traced by
-  jax.profiler into <workdir>/profile (TensorBoard's profile plugin or Perfetto read it). With
-  config.train.time_budget_s, the run fixes its number of steps (at most config.train.steps) from its measured step
+  jax.profiler into <workdir>/profile (TensorBoard's profile plugin or Perfetto read it). With a
+  config.train.time_budget_s (> 0), the run fixes its number of steps (at most config.train.steps) from its measured step
   time once it has started, and keeps it in <workdir>/train_plan.json (`budget`)."""
   begin = time.perf_counter()
-  planned = budget.read_plan(workdir) if config.train.time_budget_s is not None else None
+  planned = budget.read_plan(workdir) if config.train.time_budget_s else None
   if planned is not None:
     config = budget.with_steps(config, planned)
   # Mesh, shardings and the state: restored if a checkpoint exists (onto this mesh, whatever mesh wrote it), else new.
@@ -86,7 +86,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, evaluator: Evaluator 
   tick, tick_step = time.perf_counter(), step
   start, start_step = tick, step
   measure = (step + budget.SKIPPED_STEPS, step + budget.SKIPPED_STEPS + budget.MEASURED_STEPS)
-  measuring = config.train.time_budget_s is not None and planned is None and measure[1] < total
+  measuring = bool(config.train.time_budget_s) and planned is None and measure[1] < total
   marks = {}
   unchecked = None
   profile_first, profile_last = config.train.profile_steps or (None, None)
