@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 WORKDIR ?= workdir/fashion_mnist_repa
 CONFIG ?= configs/fashion_mnist.py:reg=repa
+# `make run` fits in RUN_BUDGET_S seconds from the start of make, install included: training gets what is left when it
+# starts and sizes itself to it (config.train.time_budget_s), keeping time for sampling and evaluation.
+RUN_BUDGET_S ?= 870
+JOB_START := $(shell date +%s)
 
 .PHONY: venv fashion-mnist run test tensorboard clean
 
@@ -34,7 +38,9 @@ fashion-mnist:
 # Every stage resumes: a re-run keeps finished shards, checkpoints and sample chunks.
 run: venv fashion-mnist
 	$(VENV)/bin/python -m repa_jax.main --mode=precompute --config=$(CONFIG) --workdir=$(WORKDIR)
-	$(VENV)/bin/python -m repa_jax.main --mode=train --config=$(CONFIG) --workdir=$(WORKDIR)
+	left=$$(( $(RUN_BUDGET_S) - $$(date +%s) + $(JOB_START) )); \
+	$(VENV)/bin/python -m repa_jax.main --mode=train --config=$(CONFIG) --workdir=$(WORKDIR) \
+	  --config.train.time_budget_s=$$(( left > 1 ? left : 1 ))
 	$(VENV)/bin/python -m repa_jax.main --mode=sample --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(VENV)/bin/python -m repa_jax.main --mode=evaluate --config=$(CONFIG) --workdir=$(WORKDIR)
 

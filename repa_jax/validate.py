@@ -80,7 +80,7 @@ RULES: dict[str, Rule] = {
     "train.log_every": POSITIVE, "train.checkpoint_every": POSITIVE, "train.keep_checkpoints": POSITIVE,
     "train.keep_every": number(1, integer=True, optional=True),
     "train.restore_step": number(0, integer=True, optional=True),
-    "train.time_budget_s": number(0, optional=True),
+    "train.time_budget_s": number(0, optional=True), "train.time_budget_reserve_steps": COUNT,
     "sample.sampler": one_of(SAMPLERS), "sample.steps": POSITIVE, "sample.cfg_scale": number(0, 100),
     "sample.guidance_low": PROBABILITY, "sample.guidance_high": PROBABILITY, "sample.num_samples": POSITIVE,
     "sample.batch_size": POSITIVE, "sample.labels": one_of(LABEL_MODES), "sample.seed": COUNT,

@@ -27,7 +27,9 @@ def test_planned_steps_fill_the_rest_of_the_budget_within_the_bounds():
   assert budget.planned_steps(config, elapsed_s=10.0, step_s=0.5, compile_s=5.0, steps_done=25) == 195
   config.train.steps = 150  # the most it may train
   assert budget.planned_steps(config, elapsed_s=10.0, step_s=0.5, compile_s=5.0, steps_done=25) == 150
-  config.train.steps = 1000  # a budget already spent: the fewest steps that keep the steps done valid
+  config.train.update(steps=1000, time_budget_reserve_steps=70)  # 70 steps' time kept for sampling and evaluation
+  assert budget.planned_steps(config, elapsed_s=10.0, step_s=0.5, compile_s=5.0, steps_done=25) == 125
+  # A budget already spent: the fewest steps that keep the steps done valid.
   assert budget.planned_steps(config, elapsed_s=200.0, step_s=0.5, compile_s=5.0,
                               steps_done=25) == budget.shortest_consistent(config, 25)
 

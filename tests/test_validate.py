@@ -12,7 +12,9 @@ from tests.processes import ROOT
 
 # Fields where the value is allowed, written out independently of the rules in repa_jax/validate.py.
 ZERO_ALLOWED = {"seed", "flow.cosine_weight", "align.weight", "align.stop_step", "align.zscore_gamma", "disperse.weight",
-                "disperse.stop_step", "disperse.margin", "train.time_budget_s", "train.warmup_steps", "train.b1", "train.b2", "train.muon_beta", "train.weight_decay", "train.ema_decay", "train.label_dropout", "train.restore_step",
+                "disperse.stop_step", "disperse.margin", "train.time_budget_s", "train.time_budget_reserve_steps",
+                "train.warmup_steps", "train.b1", "train.b2", "train.muon_beta", "train.weight_decay",
+                "train.ema_decay", "train.label_dropout", "train.restore_step",
                 "sample.cfg_scale", "sample.guidance_low", "sample.seed", "sample.checkpoint_step",
                 "evaluate.cfg_scale", "evaluate.guidance_low", "sra.weight", "sra.max_time_gap",
                 "sra.decay_start_epoch", "sra.stop_step", "reg.weight"}
@@ -20,8 +22,8 @@ HUGE_ALLOWED = {"seed", "align.stop_step", "disperse.stop_step", "model.depth", 
                 "data.num_classes", "align.block",
                 "align.projector_dim", "disperse.group_size", "train.batch_size", "train.steps", "train.warmup_steps",
                 "train.grad_clip", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                "train.keep_every", "train.restore_step", "train.time_budget_s", "sample.steps", "sample.num_samples",
-                "sample.batch_size",
+                "train.keep_every", "train.restore_step", "train.time_budget_s", "train.time_budget_reserve_steps",
+                "sample.steps", "sample.num_samples", "sample.batch_size",
                 "sample.seed", "sample.checkpoint_step", "evaluate.every_steps", "evaluate.num_samples",
                 "evaluate.batch_size", "evaluate.steps", "evaluate.classifier_steps", "precompute.resolution",
                 "precompute.limit", "precompute.num_shards", "precompute.batch_size", "precompute.workers",

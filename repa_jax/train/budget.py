@@ -3,7 +3,9 @@
 The run measures its step time over a few steps after it starts, fixes its number of steps N once (at most
 config.train.steps) and writes N to <workdir>/train_plan.json; from then on it is the fixed-length run of N steps:
 its learning rate so far did not depend on N (constant after the warm-up, or the 'cooldown' schedule before its
-decay), so the result equals `--config.train.steps=N` without a budget, and a resumed run reads N back.
+decay), so the result equals `--config.train.steps=N` without a budget, and a resumed run reads N back. The budget
+may also cover what runs after training (sampling, evaluation): config.train.time_budget_reserve_steps keeps that
+many steps' worth of time for it, which scales with the machine as those stages do.
 """
 import json
 import math
@@ -15,8 +17,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 PLAN_FILE = "train_plan.json"
-SKIPPED_STEPS = 5  # after the (re)start, before the measurement: compilation and warm-up
-MEASURED_STEPS = 20
+SKIPPED_STEPS = 20  # after the (re)start, before the measurement: compilation, then steps slower than the rest
+MEASURED_STEPS = 50
 
 
 def read_plan(workdir: str) -> int | None:
@@ -51,10 +53,10 @@ def shortest_consistent(config: ml_collections.ConfigDict, steps_done: int) -> i
 def planned_steps(config: ml_collections.ConfigDict, *, elapsed_s: float, step_s: float, compile_s: float,
                   steps_done: int) -> int:
   """The total steps that fit config.train.time_budget_s: those done in `elapsed_s` plus what the rest of the budget,
-  less one more compilation (`compile_s`, for the planned schedule), holds at `step_s` a step; within
-  [shortest_consistent, config.train.steps]."""
+  less one more compilation (`compile_s`, for the planned schedule), holds at `step_s` a step, less
+  config.train.time_budget_reserve_steps; within [shortest_consistent, config.train.steps]."""
   remaining_s = config.train.time_budget_s - elapsed_s - compile_s
-  fit = steps_done + max(math.floor(remaining_s / step_s), 0)
+  fit = steps_done + math.floor(remaining_s / step_s) - config.train.time_budget_reserve_steps
   return min(max(fit, shortest_consistent(config, steps_done)), config.train.steps)
 
 
@@ -70,8 +72,11 @@ def plan(config: ml_collections.ConfigDict, workdir: str, begin: float, marks: d
                         steps_done=last)
   steps = int(multihost_utils.broadcast_one_to_all(np.int32(steps)))
   if is_lead:
-    write_plan(workdir, steps, {"time_budget_s": config.train.time_budget_s, "step_s": round(step_s, 4),
-                                "compile_s": round(compile_s, 2), "max_steps": config.train.steps})
-    print(f"time budget {config.train.time_budget_s:g} s at {step_s * 1e3:.0f} ms a step (set-up and compilation "
-          f"{compile_s:.0f} s): {steps} steps (reproduce with --config.train.steps={steps})", flush=True)
+    t = config.train
+    write_plan(workdir, steps, {"time_budget_s": t.time_budget_s, "reserve_steps": t.time_budget_reserve_steps,
+                                "step_s": round(step_s, 4), "compile_s": round(compile_s, 2), "max_steps": t.steps})
+    reserve = f", {t.time_budget_reserve_steps} steps' time kept for what follows" * bool(t.time_budget_reserve_steps)
+    print(f"time budget {t.time_budget_s:g} s at {step_s * 1e3:.0f} ms a step (set-up and compilation "
+          f"{compile_s:.0f} s{reserve}): {steps} steps (reproduce with --config.train.steps={steps} "
+          f"--config.train.time_budget_s=0)", flush=True)
   return with_steps(config, steps), steps
