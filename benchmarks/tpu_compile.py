@@ -89,9 +89,25 @@ def shape_bytes(text: str) -> int:
   return total
 
 
+def received_shape(result: str, is_start: bool) -> str:
+  """The buffer a collective produces, from its HLO result shape: an async -start's tuple is (operand, result, ...
+  context), of which only the result is received."""
+  if not (is_start and result.startswith("(")):
+    return result
+  elements, depth, begin = [], 0, 1
+  for i, char in enumerate(result):
+    depth += char in "([{"
+    depth -= char in ")]}"
+    if (char == "," and depth == 1) or (char == ")" and depth == 0):
+      elements.append(result[begin:i].strip())
+      begin = i + 1
+  return elements[1] if len(elements) > 1 else result
+
+
 def collectives(hlo: str) -> dict[str, tuple[int, int]]:
-  """{collective kind: (executions per step, bytes per step)} of an HLO module's text: each op (or its async -start)
-  counted once per trip of the while loops around it."""
+  """{collective kind: (executions per step, bytes received per step)} of an HLO module's text: each op (or its async
+  -start) counted once per trip of the while loops around it (lax.scan's, and the ring loops of XLA's windowed
+  einsums)."""
   computations, current = {}, None
   for line in hlo.splitlines():
     header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
@@ -105,7 +121,7 @@ def collectives(hlo: str) -> dict[str, tuple[int, int]]:
     if known := re.search(r'"known_trip_count":\{"n":"(\d+)"', line):
       return int(known.group(1))
     condition = computations.get(re.search(r"condition=%?([\w.\-]+)", line).group(1), [])
-    bound = [int(c) for l in condition for c in re.findall(r"s32\[\]\S* constant\((\d+)\)", l)]
+    bound = [int(c) for l in condition for c in re.findall(r"[su](?:32|64)\[\]\S* constant\((\d+)\)", l)]
     return bound[0] if len(bound) == 1 and any("direction=LT" in l for l in condition) else 1
 
   trips = collections.defaultdict(lambda: 1)
@@ -122,7 +138,7 @@ def collectives(hlo: str) -> dict[str, tuple[int, int]]:
         op = re.search(rf"= (.*?) {kind}(-start)?\(", line)
         if op:
           found[kind][0] += trips[name]
-          found[kind][1] += trips[name] * shape_bytes(op.group(1))
+          found[kind][1] += trips[name] * shape_bytes(received_shape(op.group(1), bool(op.group(2))))
   return {kind: tuple(value) for kind, value in found.items()}
 
 

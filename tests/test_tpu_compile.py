@@ -24,6 +24,17 @@ HLO = """HloModule m
 
 %scan_body (q: (s32[], f32[8])) -> (s32[], f32[8]) {
   %x = f32[2,8]{1,0} all-to-all(f32[2,8]{1,0} %y), dimensions={0}
+  %ring = (u32[], bf16[4,8]) while((u32[], bf16[4,8]) %z), condition=%ring_cond, body=%ring_body
+}
+
+%ring_cond (r: (u32[], bf16[4,8])) -> pred[] {
+  %n = u32[]{:T(128)} constant(16)
+  ROOT %lt = pred[] compare(u32[] %j, u32[]{:T(128)} %n), direction=LT
+}
+
+%ring_body (r: (u32[], bf16[4,8])) -> (u32[], bf16[4,8]) {
+  %cp = (bf16[4,8]{1,0:T(8,128)(2,1)}, bf16[4,8]{1,0:T(8,128)(2,1)}, u32[]{:T(128)}) collective-permute-start(bf16[4,8]{1,0} %w), source_target_pairs={{0,1},{1,0}}
+  %cpd = bf16[4,8]{1,0} collective-permute-done((bf16[4,8], bf16[4,8], u32[]) %cp)
 }
 
 ENTRY %main (a: f32[8]) -> f32[8] {
@@ -36,9 +47,12 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 
 
 def test_collectives_are_counted_per_loop_trip_with_their_bytes():
-  """The known trip count (3), else the scan's bound in its condition (5); bytes of the result shapes."""
+  """The known trip count (3), else the scan's bound in its condition (5), times a nested ring loop's unsigned bound
+  (16, a windowed einsum's); bytes received: the result shape, of an async start's (operand, result, context) the
+  result."""
   assert tpu_compile.collectives(HLO) == {"all-gather": (3, 3 * 4 * 8 * 4), "all-reduce": (4, 3 * 8 * 4 + 2 * 8 * 2),
-                                          "all-to-all": (5, 5 * 2 * 8 * 4)}
+                                          "all-to-all": (5, 5 * 2 * 8 * 4),
+                                          "collective-permute": (5 * 16, 5 * 16 * 4 * 8 * 2)}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the tpu-compile / test extra) is not "

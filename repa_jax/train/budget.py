@@ -9,11 +9,11 @@ many steps' worth of time for it, which scales with the machine as those stages 
 """
 import json
 import math
-import os
 import time
 
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 PLAN_FILE = "train_plan.json"
@@ -22,17 +22,13 @@ MEASURED_STEPS = 50
 
 
 def read_plan(workdir: str) -> int | None:
-  """The planned number of steps of the run in `workdir`, None before it is decided."""
-  path = os.path.join(workdir, PLAN_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as file:
-    return int(json.load(file)["steps"])
+  """The planned number of steps of the run in `workdir` (a local or gs:// path), None before it is decided."""
+  path = epath.Path(workdir) / PLAN_FILE
+  return int(json.loads(path.read_text())["steps"]) if path.exists() else None
 
 
 def write_plan(workdir: str, steps: int, measurement: dict) -> None:
-  with open(os.path.join(workdir, PLAN_FILE), "w") as file:
-    json.dump({"steps": steps, **measurement}, file, indent=1)
+  (epath.Path(workdir) / PLAN_FILE).write_text(json.dumps({"steps": steps, **measurement}, indent=1))
 
 
 def with_steps(config: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:

@@ -47,8 +47,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, evaluator: Evaluator 
   Stops early, after saving, when preempted (SIGTERM); raises FloatingPointError, without saving, on a non-finite
   loss term. With config.train.profile_steps = (first, last), steps first..last (1-indexed) are traced by
   jax.profiler into <workdir>/profile (TensorBoard's profile plugin or Perfetto read it). With a
-  config.train.time_budget_s (> 0), the run fixes its number of steps (at most config.train.steps) from its measured step
-  time once it has started, and keeps it in <workdir>/train_plan.json (`budget`)."""
+  config.train.time_budget_s (> 0), the run fixes its number of steps (at most config.train.steps) from its measured
+  step time once it has started, and keeps it in <workdir>/train_plan.json (`budget`)."""
   begin = time.perf_counter()
   planned = budget.read_plan(workdir) if config.train.time_budget_s else None
   if planned is not None:
