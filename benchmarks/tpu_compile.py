@@ -12,7 +12,8 @@ count and bytes per step (ops inside a `while` body, the scanned blocks, counted
 FLOPs per chip with the MFU that --step_time_s would mean; then (--sampler) the sampler program of --mode=sample
 (`sample/generate.py:sampler_program`, with the SD-VAE decoder for latent models) and (--precompute) the program of
 --mode=precompute (the SD-VAE encoder and DINOv2 for one host's chips) compiled likewise, their memory. XLA's own
-cost analysis counts a loop body once, so it is not used. Last line: `SUMMARY topology=... chips=... hbm_gib=... argument_gib=... temp_gib=... fits=yes|no`.
+cost analysis counts a loop body once, so it is not used. Last line:
+`SUMMARY topology=... chips=... hbm_gib=... argument_gib=... temp_gib=... fits=yes|no`.
 """
 import collections
 import math

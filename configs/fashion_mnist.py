@@ -15,8 +15,8 @@ step time. How many steps the main job trains is decided by the run from its mea
 the 2-core machines this ran on differ by 2.5x in speed (3000 steps took 468 s on one, 758 steps 362 s on another:
 README, "What make run did"), and a fixed count either overruns the 15 minutes or wastes them. The learning rate
 falls linearly to 0 over the last 40% of the steps (FD 12.0 against 13.5 with a constant one at step 1400 of a
-1400-step run, one seed). The blocks rematerialise all but their matmuls (model.remat='dots'): on a 2-core CPU that makes the step ~1.2x faster
-(less memory traffic).
+1400-step run, one seed). The blocks rematerialise all but their matmuls (model.remat='dots'): on a 2-core CPU
+that makes the step ~1.2x faster (less memory traffic).
 """
 from repa_jax.config import base_config, parse_arg, select_regularizers
 

@@ -1,6 +1,7 @@
 """The TPU compile report (benchmarks/tpu_compile.py): its HLO collective count against a hand-written module, and
 the tiny config's train step AOT-compiled for a v5p slice (4 chips) on a data and an FSDP mesh, and for two slices,
-and its sampler with an SD-VAE decoder and the precompute program (needs libtpu, the test extra's; skipped without it)."""
+and its sampler with an SD-VAE decoder and the precompute program (needs libtpu, the test extra's; skipped without
+it)."""
 import importlib.util
 
 import pytest

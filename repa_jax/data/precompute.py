@@ -76,9 +76,9 @@ def load_encoder(name: str, config: ml_collections.ConfigDict, *, abstract: bool
       out = encode(images)
       return {"patch_tokens": out["patch_tokens"], "class_token": out["pooled"]}
     return Network(tokens, ()), info
-  raise ValueError(f"encoder {name!r} in config.align.encoders cannot be precomputed here{' ahead of time' * abstract}"
-                   f": available: {'' if abstract else repr('fmnist_vit') + ', '}"
-                   f"{', '.join(repr(n) for n in dinov2.SPECS)}")
+  available = list(dinov2.SPECS) if abstract else ["fmnist_vit", *dinov2.SPECS]  # fmnist_vit is trained, not built
+  raise ValueError(f"encoder {name!r} in config.align.encoders cannot be precomputed here"
+                   f"{' ahead of time' if abstract else ''}: available: {', '.join(map(repr, available))}")
 
 
 def load_autoencoder(config: ml_collections.ConfigDict, *, abstract: bool = False) -> Network:

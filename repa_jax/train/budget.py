@@ -71,7 +71,8 @@ def plan(config: ml_collections.ConfigDict, workdir: str, begin: float, marks: d
     t = config.train
     write_plan(workdir, steps, {"time_budget_s": t.time_budget_s, "reserve_steps": t.time_budget_reserve_steps,
                                 "step_s": round(step_s, 4), "compile_s": round(compile_s, 2), "max_steps": t.steps})
-    reserve = f", {t.time_budget_reserve_steps} steps' time kept for what follows" * bool(t.time_budget_reserve_steps)
+    kept = t.time_budget_reserve_steps
+    reserve = f", {kept} steps' time kept for what follows" if kept else ""
     print(f"time budget {t.time_budget_s:g} s at {step_s * 1e3:.0f} ms a step (set-up and compilation "
           f"{compile_s:.0f} s{reserve}): {steps} steps (reproduce with --config.train.steps={steps} "
           f"--config.train.time_budget_s=0)", flush=True)
