@@ -13,9 +13,10 @@ from repa_jax.train.loop import train
 from repa_jax.train.muon import NS_COEFFS, orthogonalize
 from repa_jax.train.state import MUON_RMS, make_optimizer, muon_batch_axes
 
-def leaf_batch_axes(config):
+
+def leaf_batch_axes(config, adamw_modules=()):
   """{'sit/blocks/mlp/fc1/kernel': leading batch axes or None} for every parameter of the config."""
-  axes = muon_batch_axes(abstract_params(model_spec(config)))
+  axes = muon_batch_axes(abstract_params(model_spec(config)), adamw_modules)
   flat = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: x is None)[0]
   name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path if hasattr(k, "key"))
   return {name(path): a for path, a in flat}
@@ -31,6 +32,15 @@ def test_muon_takes_the_hidden_matrices_and_leaves_the_rest_to_adamw():
                 "sit/final_ada_ln/bias"):
     assert axes[adamw] is None, adamw
   assert leaf_batch_axes(tiny.get_config("reg=irepa"))["projectors/toy_encoder/conv/kernel"] == 0  # [kh * kw * in, out]
+
+
+def test_muon_adamw_modules_move_the_named_matrices_to_adamw_and_refuse_unknown_names():
+  config = tiny.get_config("reg=repa")
+  axes = leaf_batch_axes(config, ("ada_ln", "final_ada_ln"))
+  assert axes["sit/blocks/ada_ln/kernel"] is None and axes["sit/final_ada_ln/kernel"] is None
+  assert axes["sit/blocks/mlp/fc1/kernel"] == 1 and axes["sit/t_embed/fc1/kernel"] == 0
+  with pytest.raises(ValueError, match=r"config.train.muon_adamw_modules.*\['adaln'\]"):
+    leaf_batch_axes(config, ("adaln",))
 
 
 def numpy_orthogonalise(g, steps, eps=1e-8):

@@ -1,4 +1,6 @@
 """The training state, a plain pytree: {'step', 'params', 'opt_state', 'ema_params'}; and its optimizer."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -16,7 +18,8 @@ MOMENT_DTYPES = ("float32", "bfloat16")  # config.train.moment_dtype: of the fir
 # Muon's update RMS: 0.2 x sqrt(max(fan_in, fan_out)) scaling makes it match AdamW's typical update RMS, so Muon runs
 # at AdamW's learning rate (Liu et al. 2025, "Muon is Scalable for LLM Training", section 2.2).
 MUON_RMS = 0.2
-# Matrices Muon leaves to AdamW: the network's first and last layer (Jordan et al.'s Muon recipe), by module name.
+# Matrices Muon always leaves to AdamW: the network's first and last layer (Jordan et al.'s Muon recipe), by module
+# name; config.train.muon_adamw_modules names more.
 MUON_EXCLUDED = ("patch_embed", "final_linear")
 STACKED = "blocks"  # sit.blocks: each parameter has a leading [depth] axis (one matrix per block)
 
@@ -52,15 +55,23 @@ def ema_decay_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return lambda step: jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def muon_batch_axes(params):
+def muon_batch_axes(params, adamw_modules: tuple[str, ...] = ()):
   """For each parameter leaf: the number of leading batch axes of a weight Muon orthogonalises, or None (AdamW's).
 
-  Muon's: every 'kernel' (a linear [in, out] or convolution [kh, kw, in, out]) but those of MUON_EXCLUDED, as a
-  matrix [everything but the last axis, the last axis]; under sit.blocks the leading [depth] axis is a batch of
-  matrices (1). AdamW's: biases, embeddings, the first and the last layer."""
+  Muon's: every 'kernel' (a linear [in, out] or convolution [kh, kw, in, out]) but those under a module named in
+  MUON_EXCLUDED or `adamw_modules` (config.train.muon_adamw_modules), as a matrix [everything but the last axis, the
+  last axis]; under sit.blocks the leading [depth] axis is a batch of matrices (1). AdamW's: biases, embeddings and
+  the kernels of those modules."""
+  paths = [[str(getattr(key, "key", getattr(key, "name", ""))) for key in path]
+           for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  if unknown := [name for name in adamw_modules if not any(name in names for names in paths)]:
+    raise ValueError(f"config.train.muon_adamw_modules: no parameter lies under a module named {unknown}; name "
+                     "modules of the model, e.g. 'ada_ln' (the blocks' modulation) or 'final_ada_ln'")
+  excluded = MUON_EXCLUDED + tuple(adamw_modules)
+
   def batch_axes(path, leaf):
     names = [str(getattr(key, "key", getattr(key, "name", ""))) for key in path]
-    if "kernel" not in names or any(name in names for name in MUON_EXCLUDED):
+    if "kernel" not in names or any(name in names for name in excluded):
       return None
     return 1 if STACKED in names else 0
   return jax.tree_util.tree_map_with_path(batch_axes, params)
@@ -70,8 +81,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   """Grad-norm clipping, then config.train.optimizer:
   - 'adamw' (REPA defaults: lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay);
   - 'muon': Muon (momentum muon_beta, Nesterov, muon_ns_steps Newton-Schulz steps, update RMS matched to AdamW's by
-    MUON_RMS; `train.muon`) on the matrices of `muon_batch_axes` at muon_lr_scale x the schedule's learning rate,
-    NAdamW (b1, b2, eps) at the schedule's on every other parameter.
+    MUON_RMS; `train.muon`) on the matrices of `muon_batch_axes` (less those under muon_adamw_modules) at
+    muon_lr_scale x the schedule's learning rate, NAdamW (b1, b2, eps) at the schedule's on every other parameter.
   The first moments (momentum) are stored in config.train.moment_dtype: bfloat16 halves their memory."""
   t = config.train
   if t.optimizer not in OPTIMIZERS:
@@ -82,11 +93,12 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   if t.optimizer == "adamw":
     update = optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mu_dtype=t.moment_dtype)
   else:
-    labels = lambda params: jax.tree.map(lambda axes: "adamw" if axes is None else "muon", muon_batch_axes(params),
+    batch_axes = functools.partial(muon_batch_axes, adamw_modules=tuple(t.muon_adamw_modules))
+    labels = lambda params: jax.tree.map(lambda axes: "adamw" if axes is None else "muon", batch_axes(params),
                                          is_leaf=lambda axes: axes is None)
     update = optax.partition({
         "muon": optax.chain(
-            muon.scale_by_muon(muon_batch_axes, beta=t.muon_beta, steps=t.muon_ns_steps, rms=MUON_RMS, eps=t.eps,
+            muon.scale_by_muon(batch_axes, beta=t.muon_beta, steps=t.muon_ns_steps, rms=MUON_RMS, eps=t.eps,
                                mu_dtype=t.moment_dtype),
             optax.add_decayed_weights(t.weight_decay),
             optax.scale_by_learning_rate(lambda step: t.muon_lr_scale * lr(step))),
