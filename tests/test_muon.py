@@ -11,7 +11,7 @@ from repa_jax.models.repa_sit import abstract_params
 from repa_jax.specs.model import model_spec
 from repa_jax.train.loop import train
 from repa_jax.train.muon import NS_COEFFS, orthogonalize
-from repa_jax.train.state import MUON_RMS, make_optimizer, muon_batch_axes
+from repa_jax.train.state import MUON_RMS, make_optimizer, muon_batch_axes, optimizer_labels
 
 
 def leaf_batch_axes(config, adamw_modules=()):
@@ -39,8 +39,18 @@ def test_muon_adamw_modules_move_the_named_matrices_to_adamw_and_refuse_unknown_
   axes = leaf_batch_axes(config, ("ada_ln", "final_ada_ln"))
   assert axes["sit/blocks/ada_ln/kernel"] is None and axes["sit/final_ada_ln/kernel"] is None
   assert axes["sit/blocks/mlp/fc1/kernel"] == 1 and axes["sit/t_embed/fc1/kernel"] == 0
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_params(model_spec(config)))
   with pytest.raises(ValueError, match=r"config.train.muon_adamw_modules.*\['adaln'\]"):
-    leaf_batch_axes(config, ("adaln",))
+    optimizer_labels(params, ("adaln",))
+  # The optimizer trains them with AdamW (Nesterov's, as the rest of AdamW's parameters): optax's nadamw update.
+  config.train.update(optimizer="muon", muon_adamw_modules=("ada_ln", "final_ada_ln"), lr=1e-2, grad_clip=1e9)
+  tx = make_optimizer(config)
+  grads = jax.tree.map(lambda p: jnp.asarray(np.random.default_rng(0).normal(size=p.shape), p.dtype), params)
+  update, _ = tx.update(grads, tx.init(params), params)
+  kernel = lambda tree: tree["sit"]["blocks"]["ada_ln"]["kernel"]
+  adamw = optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8, nesterov=True)
+  want, _ = adamw.update(kernel(grads), adamw.init(kernel(params)), kernel(params))
+  np.testing.assert_allclose(kernel(update), want, rtol=1e-5, atol=1e-8)
 
 
 def numpy_orthogonalise(g, steps, eps=1e-8):

@@ -55,6 +55,12 @@ def ema_decay_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return lambda step: jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+def parameter_paths(params) -> list[list[str]]:
+  """The module and parameter names on the path to each leaf of `params`."""
+  return [[str(getattr(key, "key", getattr(key, "name", ""))) for key in path]
+          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
 def muon_batch_axes(params, adamw_modules: tuple[str, ...] = ()):
   """For each parameter leaf: the number of leading batch axes of a weight Muon orthogonalises, or None (AdamW's).
 
@@ -62,11 +68,6 @@ def muon_batch_axes(params, adamw_modules: tuple[str, ...] = ()):
   MUON_EXCLUDED or `adamw_modules` (config.train.muon_adamw_modules), as a matrix [everything but the last axis, the
   last axis]; under sit.blocks the leading [depth] axis is a batch of matrices (1). AdamW's: biases, embeddings and
   the kernels of those modules."""
-  paths = [[str(getattr(key, "key", getattr(key, "name", ""))) for key in path]
-           for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  if unknown := [name for name in adamw_modules if not any(name in names for names in paths)]:
-    raise ValueError(f"config.train.muon_adamw_modules: no parameter lies under a module named {unknown}; name "
-                     "modules of the model, e.g. 'ada_ln' (the blocks' modulation) or 'final_ada_ln'")
   excluded = MUON_EXCLUDED + tuple(adamw_modules)
 
   def batch_axes(path, leaf):
@@ -75,6 +76,15 @@ def muon_batch_axes(params, adamw_modules: tuple[str, ...] = ()):
       return None
     return 1 if STACKED in names else 0
   return jax.tree_util.tree_map_with_path(batch_axes, params)
+
+
+def optimizer_labels(params, adamw_modules: tuple[str, ...] = ()):
+  """'muon' or 'adamw' for each parameter leaf (`muon_batch_axes`), refusing module names the model does not have."""
+  if unknown := [name for name in adamw_modules if not any(name in names for names in parameter_paths(params))]:
+    raise ValueError(f"config.train.muon_adamw_modules: no parameter lies under a module named {unknown}; name "
+                     "modules of the model, e.g. 'ada_ln' (the blocks' modulation) or 'final_ada_ln'")
+  return jax.tree.map(lambda axes: "adamw" if axes is None else "muon", muon_batch_axes(params, adamw_modules),
+                      is_leaf=lambda axes: axes is None)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -93,17 +103,15 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   if t.optimizer == "adamw":
     update = optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mu_dtype=t.moment_dtype)
   else:
-    batch_axes = functools.partial(muon_batch_axes, adamw_modules=tuple(t.muon_adamw_modules))
-    labels = lambda params: jax.tree.map(lambda axes: "adamw" if axes is None else "muon", batch_axes(params),
-                                         is_leaf=lambda axes: axes is None)
+    modules = tuple(t.muon_adamw_modules)
     update = optax.partition({
         "muon": optax.chain(
-            muon.scale_by_muon(batch_axes, beta=t.muon_beta, steps=t.muon_ns_steps, rms=MUON_RMS, eps=t.eps,
+            muon.scale_by_muon(functools.partial(muon_batch_axes, adamw_modules=modules), beta=t.muon_beta, steps=t.muon_ns_steps, rms=MUON_RMS, eps=t.eps,
                                mu_dtype=t.moment_dtype),
             optax.add_decayed_weights(t.weight_decay),
             optax.scale_by_learning_rate(lambda step: t.muon_lr_scale * lr(step))),
         "adamw": optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mu_dtype=t.moment_dtype,
-                             nesterov=True)}, labels)
+                             nesterov=True)}, functools.partial(optimizer_labels, adamw_modules=modules))
   return optax.chain(optax.clip_by_global_norm(t.grad_clip), update)
 
 
