@@ -60,20 +60,6 @@ def test_a_budgeted_run_equals_the_fixed_run_of_its_planned_steps(tmp_path, monk
   assert int(rerun["step"]) == steps
 
 
-def test_a_run_plans_at_a_third_of_the_steps_its_first_estimate_gives(tmp_path, monkeypatch):
-  monkeypatch.setattr(budget, "SKIPPED_STEPS", 2)
-  monkeypatch.setattr(budget, "MEASURED_STEPS", 3)
-  config = cooldown_config(60)  # at most 60 steps; the budget holds them all, so the first estimate is 60
-  config.train.time_budget_s = 1e6
-  budgeted = jax.device_get(train(config, str(tmp_path / "budget")))
-  plan = json.loads((tmp_path / "budget" / budget.PLAN_FILE).read_text())
-  assert plan["planned_at_step"] == 20 and plan["steps"] == 60 == int(budgeted["step"])
-  assert 20 < (1 - config.train.cooldown_fraction) * 60  # planned before the cooldown starts
-  fixed = jax.device_get(train(cooldown_config(60), str(tmp_path / "fixed")))
-  for a, b in zip(jax.tree.leaves(budgeted), jax.tree.leaves(fixed), strict=True):
-    np.testing.assert_array_equal(a, b)
-
-
 def test_a_budget_with_the_cosine_schedule_is_refused():
   config = cooldown_config(500)
   config.train.update(time_budget_s=60.0, lr_schedule="cosine")

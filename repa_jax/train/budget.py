@@ -1,8 +1,7 @@
 """A training run sized to a wall-clock budget (config.train.time_budget_s).
 
-The run times its steps from shortly after it starts, fixes its number of steps N once (at most config.train.steps)
-when it has done a third of them, and writes N to <workdir>/train_plan.json; from then on it is the fixed-length run
-of N steps:
+The run measures its step time over a few steps after it starts, fixes its number of steps N once (at most
+config.train.steps) and writes N to <workdir>/train_plan.json; from then on it is the fixed-length run of N steps:
 its learning rate so far did not depend on N (constant after the warm-up, or the 'cooldown' schedule before its
 decay), so the result equals `--config.train.steps=N` without a budget, and a resumed run reads N back. The budget
 may also cover what runs after training (sampling, evaluation): config.train.time_budget_reserve_steps keeps that
@@ -19,8 +18,7 @@ from jax.experimental import multihost_utils
 
 PLAN_FILE = "train_plan.json"
 SKIPPED_STEPS = 20  # after the (re)start, before the measurement: compilation, then steps slower than the rest
-MEASURED_STEPS = 50  # the first estimate of N, which sets when the run plans
-PLAN_AT_FRACTION = 1 / 3  # the run plans once it has done this fraction of the steps the first estimate gives
+MEASURED_STEPS = 50
 
 
 def read_plan(workdir: str) -> int | None:
@@ -58,43 +56,24 @@ def planned_steps(config: ml_collections.ConfigDict, *, elapsed_s: float, step_s
   return min(max(fit, shortest_consistent(config, steps_done)), config.train.steps)
 
 
-def step_time(begin: float, marks: dict) -> tuple[float, float]:
-  """(seconds a step, set-up and compilation seconds) from the run's start time `begin` and the wall times `marks`
-  {step: time}: the first mark at its SKIPPED_STEPS-th step, the last at the latest step timed."""
-  first, last = min(marks), max(marks)
-  step_s = (marks[last] - marks[first]) / (last - first)
-  return step_s, max(marks[first] - begin - SKIPPED_STEPS * step_s, 0.0)
-
-
-def budget_steps(config: ml_collections.ConfigDict, begin: float, marks: dict) -> int:
-  """`planned_steps` from the step time measured so far (`step_time`); process 0's for every process."""
-  step_s, compile_s = step_time(begin, marks)
-  steps = planned_steps(config, elapsed_s=time.perf_counter() - begin, step_s=step_s, compile_s=compile_s,
-                        steps_done=max(marks))
-  return int(multihost_utils.broadcast_one_to_all(np.int32(steps)))
-
-
-def plan_step(config: ml_collections.ConfigDict, begin: float, marks: dict) -> int:
-  """The step at which the run plans: PLAN_AT_FRACTION of the steps a plan from the first MEASURED_STEPS gives, so
-  that the plan's step time covers a third of the run (the machine's speed drifts), or the current step if that is
-  later. The cooldown of the planned run, and of the longest run, starts after it."""
-  return max(max(marks), int(PLAN_AT_FRACTION * budget_steps(config, begin, marks)))
-
-
 def plan(config: ml_collections.ConfigDict, workdir: str, begin: float, marks: dict,
          is_lead: bool) -> tuple[ml_collections.ConfigDict, int]:
-  """(config with its planned train.steps, those steps) from the step time measured between the first and the last
-  of `marks` (`step_time`); process 0's plan for every process, written to <workdir>/train_plan.json."""
-  steps = budget_steps(config, begin, marks)
+  """(config with its planned train.steps, those steps) from the run's start time `begin` and the wall times `marks`
+  {step: time} at its SKIPPED_STEPS-th and (SKIPPED_STEPS + MEASURED_STEPS)-th steps; process 0's plan for every
+  process, written to <workdir>/train_plan.json."""
+  first, last = sorted(marks)
+  step_s = (marks[last] - marks[first]) / (last - first)
+  compile_s = max(marks[first] - begin - SKIPPED_STEPS * step_s, 0.0)  # set-up and compilation
+  steps = planned_steps(config, elapsed_s=time.perf_counter() - begin, step_s=step_s, compile_s=compile_s,
+                        steps_done=last)
+  steps = int(multihost_utils.broadcast_one_to_all(np.int32(steps)))
   if is_lead:
     t = config.train
-    step_s, compile_s = step_time(begin, marks)
     write_plan(workdir, steps, {"time_budget_s": t.time_budget_s, "reserve_steps": t.time_budget_reserve_steps,
-                                "step_s": round(step_s, 4), "compile_s": round(compile_s, 2), "max_steps": t.steps,
-                                "planned_at_step": max(marks)})
+                                "step_s": round(step_s, 4), "compile_s": round(compile_s, 2), "max_steps": t.steps})
     kept = t.time_budget_reserve_steps
     reserve = f", {kept} steps' time kept for what follows" if kept else ""
-    print(f"time budget {t.time_budget_s:g} s at {step_s * 1e3:.0f} ms a step over steps {min(marks)}-{max(marks)} "
-          f"(set-up and compilation {compile_s:.0f} s{reserve}): {steps} steps (reproduce with "
-          f"--config.train.steps={steps} --config.train.time_budget_s=0)", flush=True)
+    print(f"time budget {t.time_budget_s:g} s at {step_s * 1e3:.0f} ms a step (set-up and compilation "
+          f"{compile_s:.0f} s{reserve}): {steps} steps (reproduce with --config.train.steps={steps} "
+          f"--config.train.time_budget_s=0)", flush=True)
   return with_steps(config, steps), steps

@@ -85,9 +85,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, evaluator: Evaluator 
   step, total = int(state["step"]), config.train.steps
   tick, tick_step = time.perf_counter(), step
   start, start_step = tick, step
-  first_mark = step + budget.SKIPPED_STEPS
-  plan_at = first_mark + budget.MEASURED_STEPS  # the first estimate; it moves the plan later (budget.plan_step)
-  measuring = bool(config.train.time_budget_s) and planned is None and plan_at < total
+  measure = (step + budget.SKIPPED_STEPS, step + budget.SKIPPED_STEPS + budget.MEASURED_STEPS)
+  measuring = bool(config.train.time_budget_s) and planned is None and measure[1] < total
   marks = {}
   unchecked = None
   profile_first, profile_last = config.train.profile_steps or (None, None)
@@ -105,12 +104,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, evaluator: Evaluator 
         if unchecked:
           failures.check_finite(*unchecked, manager.latest_step())
         unchecked = (step, metrics)
-        if measuring and step in (first_mark, plan_at):
+        if measuring and step in measure:
           jax.block_until_ready(metrics)
           marks[step] = time.perf_counter()
-          if step == plan_at and len(marks) == 2:
-            plan_at = budget.plan_step(config, begin, marks)
-          if step == plan_at:
+          if step == measure[1]:
             config, total = budget.plan(config, workdir, begin, marks, is_lead)
             train_step = jit_train_step(config, mesh, state_sharding)
             measuring = False
