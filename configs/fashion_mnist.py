@@ -37,7 +37,7 @@ def get_config(arg=None):
   if c.reg.weight:
     c.data.directory += "_cls"
   # As many steps (at most 5000) as fit 750 s with sampling and evaluation, which cost about as much as 1000 steps on
-  # any machine (train.time_budget_s: the number is decided once, a third into the run, from the measured step time;
+  # any machine (train.time_budget_s: the number is decided once, at the start, from the measured step time;
   # `make run` passes the time left of its 15 minutes; --config.train.time_budget_s=0 trains exactly train.steps).
   # The adaLN modulation matrices train with AdamW, not Muon: their Newton-Schulz iterations cost ~22% of the step,
   # and at equal wall time the run scored FD 4.36 against 5.05 (docs/fashion_mnist_recipe.md, one seed).
