@@ -11,7 +11,8 @@ not copied from ImageNet: a short run wants a high learning rate after a warm-up
 its samples are best with REPA's kind of sampler, the SDE, guided at CFG 3.0 on t in [0.1, 0.7] (not the noisiest
 30%, where guidance trades diversity for class accuracy, nor the last steps). Muon on the weight matrices
 (at 2x the learning rate, AdamW on the rest) learned ~1.7x more per step than AdamW by step 800, at 1.2-1.36x its
-step time; the adaLN modulation matrices are left to AdamW (a 0.78x step, more steps in the same time). How many steps the main job trains is decided by the run from its measured step time (train.time_budget_s):
+step time; the adaLN modulation matrices are left to AdamW (a 0.78x step, more steps in the same time). How many
+steps the main job trains is decided by the run from its measured step time (train.time_budget_s):
 the 2-core machines this ran on differ by 2.5x in speed (3000 steps took 468 s on one, 758 steps 362 s on another:
 README, "What make run did"), and a fixed count either overruns the 15 minutes or wastes them. The learning rate
 falls linearly to 0 over the last 40% of the steps (FD 12.0 against 13.5 with a constant one at step 1400 of a

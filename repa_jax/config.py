@@ -58,8 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   # (repa_jax/train/budget.py), keeping time_budget_reserve_steps steps' worth of it for what follows (sampling,
   # evaluation); None or 0: exactly `steps`.
   c.train = dict(batch_size=256, steps=400_000, lr=1e-4, lr_schedule="constant", cooldown_fraction=0.2,
-                 warmup_steps=0, optimizer="adamw", muon_lr_scale=1.0, muon_beta=0.95, muon_ns_steps=5, muon_adamw_modules=(),
-                 b1=0.9, b2=0.999, eps=1e-8, moment_dtype="float32", weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999,
+                 warmup_steps=0, optimizer="adamw", muon_lr_scale=1.0, muon_beta=0.95, muon_ns_steps=5,
+                 muon_adamw_modules=(), b1=0.9, b2=0.999, eps=1e-8, moment_dtype="float32", weight_decay=0.0,
+                 grad_clip=1.0, ema_decay=0.9999,
                  ema_warmup=False, label_dropout=0.1, log_every=100, checkpoint_every=10_000, keep_checkpoints=3,
                  keep_every=placeholder(int), restore_step=placeholder(int), profile_steps=placeholder(tuple),
                  time_budget_s=placeholder(float), time_budget_reserve_steps=0)

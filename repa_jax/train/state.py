@@ -55,10 +55,9 @@ def ema_decay_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return lambda step: jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def parameter_paths(params) -> list[list[str]]:
-  """The module and parameter names on the path to each leaf of `params`."""
-  return [[str(getattr(key, "key", getattr(key, "name", ""))) for key in path]
-          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+def path_names(path) -> list[str]:
+  """The module and parameter names of a pytree key path."""
+  return [str(getattr(key, "key", getattr(key, "name", ""))) for key in path]
 
 
 def muon_batch_axes(params, adamw_modules: tuple[str, ...] = ()):
@@ -71,7 +70,7 @@ def muon_batch_axes(params, adamw_modules: tuple[str, ...] = ()):
   excluded = MUON_EXCLUDED + tuple(adamw_modules)
 
   def batch_axes(path, leaf):
-    names = [str(getattr(key, "key", getattr(key, "name", ""))) for key in path]
+    names = path_names(path)
     if "kernel" not in names or any(name in names for name in excluded):
       return None
     return 1 if STACKED in names else 0
@@ -80,7 +79,8 @@ def muon_batch_axes(params, adamw_modules: tuple[str, ...] = ()):
 
 def optimizer_labels(params, adamw_modules: tuple[str, ...] = ()):
   """'muon' or 'adamw' for each parameter leaf (`muon_batch_axes`), refusing module names the model does not have."""
-  if unknown := [name for name in adamw_modules if not any(name in names for names in parameter_paths(params))]:
+  paths = [path_names(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  if unknown := [name for name in adamw_modules if not any(name in names for names in paths)]:
     raise ValueError(f"config.train.muon_adamw_modules: no parameter lies under a module named {unknown}; name "
                      "modules of the model, e.g. 'ada_ln' (the blocks' modulation) or 'final_ada_ln'")
   return jax.tree.map(lambda axes: "adamw" if axes is None else "muon", muon_batch_axes(params, adamw_modules),
@@ -106,8 +106,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     modules = tuple(t.muon_adamw_modules)
     update = optax.partition({
         "muon": optax.chain(
-            muon.scale_by_muon(functools.partial(muon_batch_axes, adamw_modules=modules), beta=t.muon_beta, steps=t.muon_ns_steps, rms=MUON_RMS, eps=t.eps,
-                               mu_dtype=t.moment_dtype),
+            muon.scale_by_muon(functools.partial(muon_batch_axes, adamw_modules=modules), beta=t.muon_beta,
+                               steps=t.muon_ns_steps, rms=MUON_RMS, eps=t.eps, mu_dtype=t.moment_dtype),
             optax.add_decayed_weights(t.weight_decay),
             optax.scale_by_learning_rate(lambda step: t.muon_lr_scale * lr(step))),
         "adamw": optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mu_dtype=t.moment_dtype,
