@@ -66,6 +66,9 @@ def test_the_tiny_train_step_compiles_for_a_v5p_slice(mesh_shape):
   assert len(report["devices"]) == 4 and report["mesh"] == {"data": mesh_shape[0], "fsdp": mesh_shape[1]}
   assert report["fits"] and 0 < report["used_bytes"] < 1e9
   assert report["collectives"]["all-reduce"][0] >= 1  # the gradients' mean over the data-parallel devices
+  # The activations stay batch-sharded: the conditioning's weights are gathered (sharding.gathered) rather than its
+  # [B, D] rows resharded (4 all-to-alls and 3 collective-permutes on the FSDP mesh without it).
+  assert "all-to-all" not in report["collectives"]
   if mesh_shape[1] > 1:
     assert report["collectives"]["all-gather"][0] >= 1  # FSDP gathers the sharded weights
   moved = sum(nbytes for _, nbytes in report["collectives"].values())

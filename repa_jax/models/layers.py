@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from repa_jax.specs import sharding
 from repa_jax.specs.model import ATTENTIONS
 
 xavier = nnx.initializers.xavier_uniform()
@@ -13,9 +14,12 @@ normal_002 = nnx.initializers.normal(0.02)
 zeros = nnx.initializers.zeros_init()
 
 
-def linear(din: int, dout: int, rngs: nnx.Rngs, *, dtype=jnp.float32, init=xavier) -> nnx.Linear:
-  """A float32-parameter linear layer computing in `dtype`, with zero bias."""
-  return nnx.Linear(din, dout, dtype=dtype, param_dtype=jnp.float32, kernel_init=init, bias_init=zeros, rngs=rngs)
+def linear(din: int, dout: int, rngs: nnx.Rngs, *, dtype=jnp.float32, init=xavier,
+           gathered: bool = False) -> nnx.Linear:
+  """A float32-parameter linear layer computing in `dtype`, with zero bias. gathered: its kernel is all-gathered where
+  it is used (`sharding.gathered`), for the layers of the per-image conditioning."""
+  return nnx.Linear(din, dout, dtype=dtype, param_dtype=jnp.float32, kernel_init=init, bias_init=zeros, rngs=rngs,
+                    dot_general=sharding.gathered_dot_general if gathered else jax.lax.dot_general)
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -106,8 +110,8 @@ class TimestepEmbedder(nnx.Module):
 
   def __init__(self, width: int, rngs: nnx.Rngs, *, freq_dim: int = 256, dtype=jnp.float32):
     self.freq_dim = freq_dim
-    self.fc1 = linear(freq_dim, width, rngs, dtype=dtype, init=normal_002)
-    self.fc2 = linear(width, width, rngs, dtype=dtype, init=normal_002)
+    self.fc1 = linear(freq_dim, width, rngs, dtype=dtype, init=normal_002, gathered=True)
+    self.fc2 = linear(width, width, rngs, dtype=dtype, init=normal_002, gathered=True)
 
   def __call__(self, t: jax.Array) -> jax.Array:
     return self.fc2(nnx.silu(self.fc1(timestep_embedding(t, self.freq_dim))))

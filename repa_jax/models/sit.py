@@ -40,7 +40,7 @@ class SiTBlock(nnx.Module):
     # SwiGLU at 2/3 of the hidden width keeps the MLP's parameter count (LightningDiT: int(2/3 * hidden)).
     self.mlp = SwiGLU(width, int(2 / 3 * hidden), rngs, dtype=dtype) if spec.mlp == "swiglu" else \
         Mlp(width, hidden, rngs, dtype=dtype)
-    self.ada_ln = linear(width, 6 * width, rngs, dtype=dtype, init=zeros)
+    self.ada_ln = linear(width, 6 * width, rngs, dtype=dtype, init=zeros, gathered=True)
 
   def __call__(self, x: jax.Array, c: jax.Array, rope_angles: jax.Array | None = None) -> jax.Array:
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(self.ada_ln(nnx.silu(c)), 6, axis=-1)
@@ -75,7 +75,7 @@ class SiT(nnx.Module):
     # time flat in depth and lets XLA keep the backward pass linear in depth.
     self.blocks = make_blocks(rngs)
     self.final_norm = make_norm(spec.norm, d)
-    self.final_ada_ln = linear(d, 2 * d, rngs, dtype=dtype, init=zeros)
+    self.final_ada_ln = linear(d, 2 * d, rngs, dtype=dtype, init=zeros, gathered=True)
     self.final_linear = linear(d, p * p * c, rngs, dtype=dtype, init=zeros)
     if e := spec.class_token_dim:
       self.cls_embed = linear(e, d, rngs, dtype=dtype)
@@ -120,7 +120,8 @@ class SiT(nnx.Module):
     if cls is not None:
       cls = self.cls_norm(self.cls_embed(cls.astype(self.dtype))).astype(self.dtype)
       hidden = jnp.concatenate([cls[:, None], hidden], axis=1)
-    c = (self.t_embed(t) + self.y_embed(y)).astype(self.dtype)
+    label = jnp.take(sharding.gathered(self.y_embed.embedding[...]), y, axis=0)  # the table gathered, like the layers
+    c = (self.t_embed(t) + label).astype(self.dtype)
     return sharding.constrain_batch(hidden), sharding.constrain_batch(c)
 
   def run_to(self, hidden: jax.Array, c: jax.Array,

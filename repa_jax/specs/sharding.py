@@ -112,6 +112,23 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, P(mesh.axis_names))
 
 
+def gathered(w: jax.Array) -> jax.Array:
+  """w replicated on the mesh made current by `jax.sharding.use_abstract_mesh` (an FSDP-sharded weight all-gathered
+  where it is used); w unchanged outside one. For the conditioning path, whose activations ([B, D], one row per image)
+  are smaller than its weights: without it XLA multiplies them where the weight shards lie and reshards the product
+  (all-to-alls)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return w
+  return jax.lax.with_sharding_constraint(w, P())
+
+
+def gathered_dot_general(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
+  """jax.lax.dot_general with the right operand (a weight) `gathered` first: nnx.Linear's dot_general for layers on
+  the conditioning path."""
+  return jax.lax.dot_general(lhs, gathered(rhs), *args, **kwargs)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
