@@ -66,7 +66,7 @@ def test_hidden_blocks_are_one_indexed_block_outputs():
   assert hiddens[1].shape == (3, 49, 32)
   # Block 1's output feeds block 2: recompute block 2 and 3 by hand from block 1 and compare with block 3.
   c = model.t_embed(t) + model.y_embed(y)
-  chex.assert_trees_all_close(model.run_blocks(hiddens[1], c, 1, 3), hiddens[3], atol=1e-6)
+  chex.assert_trees_all_close(model.run_blocks(hiddens[1], c, 1, 3)[0], hiddens[3], atol=1e-6)
   graphdef, stacked = nnx.split(model.blocks)
   block = lambda k: nnx.merge(graphdef, jax.tree.map(lambda p: p[k - 1], stacked))  # the k-th block alone
   chex.assert_trees_all_close(block(3)(block(2)(hiddens[1], c), c), hiddens[3], atol=1e-6)

@@ -90,11 +90,13 @@ class SiT(nnx.Module):
       raise ValueError(f"this SiT takes {want}, got a {'pair' if with_token else 'single array'}")
     return tuple(state) if with_token else (state, None)
 
-  def run_blocks(self, hidden: jax.Array, c: jax.Array, start: int, stop: int) -> jax.Array:
-    """Blocks start+1 .. stop (1-indexed) applied to hidden [B, N, D] with conditioning c [B, D], by lax.scan (each
-    block under jax.checkpoint with the policy of `remat`, if any)."""
+  def run_blocks(self, hidden: jax.Array, c: jax.Array, start: int, stop: int, *,
+                 outputs: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """Blocks start+1 .. stop (1-indexed) applied to hidden [B, N, D] with conditioning c [B, D] by one lax.scan (each
+    block under jax.checkpoint with the policy of `remat`, if any): (the last output [B, N, D], with outputs=True every
+    block's output stacked [stop - start, B, N, D], else None)."""
     if start == stop:
-      return hidden
+      return hidden, None
     graphdef, params = nnx.split(self.blocks)
     segment = jax.tree.map(lambda p: p[start:stop], params)
     angles = None
@@ -104,7 +106,11 @@ class SiT(nnx.Module):
     block = lambda h, p: sharding.constrain_batch(nnx.merge(graphdef, p)(h, c, angles))
     if (policy := REMAT_POLICIES[self.remat]) is not None:
       block = jax.checkpoint(block, policy=policy)
-    return jax.lax.scan(lambda h, p: (block(h, p), None), hidden, segment)[0]
+
+    def step(h, p):
+      h = block(h, p)
+      return h, h if outputs else None
+    return jax.lax.scan(step, hidden, segment)
 
   def embed(self, state: State, t: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
     """state, t [B], y [B] -> (tokens entering block 1 [B, N (+ 1 with a class token, first), D], conditioning c
@@ -126,15 +132,16 @@ class SiT(nnx.Module):
 
   def run_to(self, hidden: jax.Array, c: jax.Array,
              blocks: Sequence[int]) -> tuple[dict[int, jax.Array], jax.Array, int]:
-    """Runs the blocks up to the last of `blocks` (1-indexed): ({k: output of block k}, the last output, its index)."""
+    """Runs the blocks up to the last of `blocks` (1-indexed) in one scan that keeps every block's output: ({k: output
+    of block k}, the last output, its index)."""
     for k in blocks:
       if not 1 <= k <= self.spec.depth:
         raise ValueError(f"hidden block {k} is outside 1..{self.spec.depth} (the model depth)")
-    hiddens, done = {}, 0
-    for k in sorted(set(blocks)):
-      hidden, done = self.run_blocks(hidden, c, done, k), k
-      hiddens[k] = hidden
-    return hiddens, hidden, done
+    if not blocks:
+      return {}, hidden, 0
+    last = max(blocks)
+    hidden, outputs = self.run_blocks(hidden, c, 0, last, outputs=True)
+    return {k: outputs[k - 1] for k in set(blocks)}, hidden, last
 
   def hidden_states(self, state: State, t: jax.Array, y: jax.Array, blocks: Sequence[int]) -> dict[int, jax.Array]:
     """{k: output of block k, [B, N, D]} for k in blocks, running no block after the last of them (SRA's teacher)."""
@@ -149,7 +156,7 @@ class SiT(nnx.Module):
     """
     hidden, c = self.embed(state, t, y)
     hiddens, hidden, done = self.run_to(hidden, c, hidden_blocks)
-    hidden = self.run_blocks(hidden, c, done, self.spec.depth)
+    hidden = self.run_blocks(hidden, c, done, self.spec.depth)[0]
     shift, scale = jnp.split(self.final_ada_ln(nnx.silu(c)), 2, axis=-1)
     hidden = modulate(self.final_norm(hidden), shift, scale)
     image = self.split_state(state)[0]
